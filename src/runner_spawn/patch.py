@@ -1,0 +1,119 @@
+"""install(), uninstall(), is_installed(): route ansible-runner's spawns through RunnerSpawn.
+
+Only what ``ansible_runner.runner`` sees is changed: its module-level name
+``pexpect`` is pointed at a view of pexpect whose ``spawn`` is RunnerSpawn, and
+``Runner.handle_termination`` is replaced. The process-wide ``pexpect.spawn`` stays
+the original, so other pexpect users keep their terminal spawn.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import threading
+import types
+from importlib import metadata
+from typing import Any
+
+import pexpect
+
+from .spawn import RunnerSpawn
+from .termination import handle_runner_termination
+
+#: ansible-runner versions this release is tested on: [low, high).
+SUPPORTED_RUNNER = ((2, 3), (2, 5))
+SUPPORTED_RUNNER_TEXT = ">=2.3,<2.5"
+
+_lock = threading.RLock()
+_originals: dict[str, Any] = {}  # what install() replaced; empty when not installed
+
+
+class UnsupportedRunnerError(RuntimeError):
+    """The installed ansible-runner is outside the range this release supports."""
+
+
+class _PexpectView(types.ModuleType):
+    """``pexpect`` as ``ansible_runner.runner`` sees it: ``spawn`` is RunnerSpawn."""
+
+    spawn = RunnerSpawn
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(pexpect, name)
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    """(major, minor) of a version string: "2.4.3" -> (2, 4), "2.5.0rc1" -> (2, 5)."""
+    return tuple(int(n) for n in re.findall(r"\d+", text)[:2])
+
+
+def runner_version() -> str:
+    """The installed ansible-runner's version string."""
+    return metadata.version("ansible-runner")
+
+
+def check_runner_version(version: str | None = None) -> None:
+    """Raise :class:`UnsupportedRunnerError` unless ansible-runner is in the supported range."""
+    version = runner_version() if version is None else version
+    low, high = SUPPORTED_RUNNER
+    if not low <= _version_tuple(version) < high:
+        raise UnsupportedRunnerError(
+            f"runner-spawn supports ansible-runner {SUPPORTED_RUNNER_TEXT}, but {version} is installed. "
+            f"Pin ansible-runner to {SUPPORTED_RUNNER_TEXT} or use a runner-spawn release that supports {version}."
+        )
+
+
+def _check_runner_shape(module: types.ModuleType) -> None:
+    """Refuse a Runner whose run() no longer spawns the way the patch expects."""
+    runner = getattr(module, "Runner", None)
+    run = getattr(runner, "run", None)
+    names = set(getattr(getattr(run, "__code__", None), "co_names", ()))
+    missing = {"pexpect", "spawn", "handle_termination", "logfile_read"} - names
+    if getattr(module, "pexpect", None) is None or missing or "handle_termination" not in vars(runner):
+        raise UnsupportedRunnerError(
+            "ansible_runner.runner.Runner.run() does not start jobs through pexpect.spawn as "
+            f"ansible-runner {SUPPORTED_RUNNER_TEXT} does (missing: {', '.join(sorted(missing)) or 'pexpect'}); "
+            "runner-spawn cannot patch it. Pin ansible-runner to the supported range."
+        )
+
+
+def _terminate(cls: type, pid: int, pidfile: str | None = None, is_cancel: bool = True) -> None:
+    handle_runner_termination(pid, pidfile=pidfile, is_cancel=is_cancel)
+
+
+def install() -> None:
+    """Make ansible-runner start jobs with RunnerSpawn. Idempotent and thread-safe.
+
+    Call it once at startup, before jobs run; Runner objects that already exist are
+    covered too. Raises :class:`UnsupportedRunnerError` outside the supported
+    ansible-runner range.
+    """
+    with _lock:
+        if _originals:
+            return
+        check_runner_version()
+        module = importlib.import_module("ansible_runner.runner")
+        _check_runner_shape(module)
+        view = _PexpectView("pexpect", doc="pexpect as seen by ansible_runner.runner (runner-spawn)")
+        runner_cls = module.Runner
+        _originals["module"] = module
+        _originals["pexpect"] = module.pexpect
+        _originals["handle_termination"] = vars(runner_cls)["handle_termination"]
+        setattr(module, "pexpect", view)  # noqa: B010 - a module attribute, set by name
+        runner_cls.handle_termination = classmethod(_terminate)
+
+
+def uninstall() -> None:
+    """Put back exactly what :func:`install` replaced. Idempotent."""
+    with _lock:
+        if not _originals:
+            return
+        module = _originals["module"]
+        setattr(module, "pexpect", _originals["pexpect"])  # noqa: B010
+        module.Runner.handle_termination = _originals["handle_termination"]
+        _originals.clear()
+
+
+def is_installed() -> bool:
+    """Whether ansible-runner currently spawns through RunnerSpawn."""
+    with _lock:
+        return bool(_originals)

@@ -1,0 +1,431 @@
+"""RunnerSpawn: the part of ``pexpect.spawn`` that ``Runner.run()`` uses, on pipes.
+
+Where it differs from ``pexpect.spawn`` (documented per method below):
+
+- The child has pipes, not a terminal: output keeps ``\\n`` (no ``\\r\\n``), the
+  child's ``isatty()`` is false, ``echo``, ``dimensions``, ``use_poll`` and
+  ``ignore_sighup`` have no effect. stderr is merged into stdout.
+- The child runs in a session of its own: it cannot reach the host's terminal,
+  so ``getpass`` prompts arrive on the pipe where ``expect()`` sees them.
+- ``PYTHONUNBUFFERED=1`` is added to the child's environment unless set.
+- ``preexec_fn`` is refused: running Python between fork and exec is the hazard
+  this class exists to remove.
+- ``expect()`` never times out while output that an exited child already wrote is
+  still unread, and unmatched output kept for ``before`` is bounded.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import io
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from pexpect.exceptions import EOF, TIMEOUT, ExceptionPexpect
+from pexpect.expect import Expecter
+from pexpect.popen_spawn import PopenSpawn
+from pexpect.spawnbase import SpawnBase
+from pexpect.utils import split_command_line, which
+
+from . import _process
+
+log = logging.getLogger("runner_spawn")
+
+if TYPE_CHECKING:
+    _PopenSpawnBase = PopenSpawn[Any]
+    _ExpecterBase = Expecter[Any]
+else:
+    _PopenSpawnBase = PopenSpawn
+    _ExpecterBase = Expecter
+
+#: Bytes asked of the pipe per read.
+READ_CHUNK = 1 << 16
+#: After the child exits, how long to keep reading output that other processes
+#: (a background job, a forked copy of the host) may still write to the pipe.
+DRAIN_GRACE = 0.25
+#: How long terminate() waits after SIGTERM, and after SIGKILL, for the child.
+TERMINATE_GRACE = 2.0
+
+
+class RunnerSpawn(_PopenSpawnBase):
+    """A ``PopenSpawn`` that takes ``pexpect.spawn``'s arguments and behaves like it.
+
+    The child is started by :mod:`runner_spawn._process`: ``posix_spawn`` into a
+    new session, pipes for stdin and stdout+stderr, no Python between fork and
+    exec. The supervising thread sleeps in ``poll()`` while the child is quiet;
+    there is no reader thread.
+    """
+
+    def __init__(
+        self,
+        command: str,
+        args: Sequence[str] | None = None,
+        timeout: float | None = 30,
+        maxread: int = READ_CHUNK,
+        searchwindowsize: int | None = None,
+        logfile: Any = None,
+        cwd: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        ignore_sighup: bool = False,
+        echo: bool = True,
+        preexec_fn: Any = None,
+        encoding: str | None = None,
+        codec_errors: str = "strict",
+        dimensions: tuple[int, int] | None = None,
+        use_poll: bool = False,
+        *,
+        drain_grace: float = DRAIN_GRACE,
+        max_unmatched: int | None = 1 << 20,
+    ) -> None:
+        """Start ``command`` with ``args``, as ``pexpect.spawn`` does.
+
+        ``maxread`` defaults to 64 KiB (``pexpect.spawn``: 2000) since a pipe read
+        costs the same either way. ``echo``, ``dimensions``, ``use_poll`` and
+        ``ignore_sighup`` are accepted and have no effect: there is no terminal to
+        echo, size or hang up. ``drain_grace`` bounds the wait for output from
+        processes other than the child after the child exits. ``max_unmatched``
+        bounds the unmatched output kept for ``before`` (None: unbounded, as
+        pexpect); it never changes what ``logfile_read`` receives.
+        """
+        if preexec_fn is not None:
+            raise ValueError(
+                "RunnerSpawn does not accept preexec_fn: it would run Python code in the child "
+                "between fork and exec, which is the deadlock RunnerSpawn exists to avoid. "
+                "Use cwd= and env= for the child's directory and environment, or wrap the "
+                "command (for example ['nice', '-n', '5', ...] or ['sh', '-c', ...])."
+            )
+        SpawnBase.__init__(
+            self,
+            timeout=timeout,
+            maxread=maxread,
+            searchwindowsize=searchwindowsize,
+            logfile=logfile,
+            encoding=encoding,
+            codec_errors=codec_errors,
+        )
+        self.crlf = self.linesep
+        self.ignore_sighup = ignore_sighup
+        self.echo = echo
+        self.use_poll = use_poll
+        self.drain_grace = drain_grace
+        self.max_unmatched = max_unmatched
+        self._decoder = None if encoding is None else codecs.getincrementaldecoder(encoding)(codec_errors)
+        self.delayafterterminate = TERMINATE_GRACE
+
+        argv = _command_line(command, args)
+        child_env = _child_env(env)
+        path = which(argv[0], env=child_env)
+        if path is None:
+            raise ExceptionPexpect(f"The command was not found or was not executable: {argv[0]}.")
+        argv[0] = path
+        workdir = None
+        if cwd is not None:
+            workdir = os.path.abspath(os.fspath(cwd))
+            if not os.path.isdir(workdir):
+                raise ExceptionPexpect(f"The working directory does not exist or is not a directory: {workdir}.")
+        try:
+            self._child = _process.Child(argv, child_env, workdir)
+        except OSError as e:
+            raise ExceptionPexpect(f"The command could not be started: {path}: {e}.") from e
+
+        self.command = path
+        self.args = argv
+        self.name = f"<RunnerSpawn pid={self._child.pid} {path}>"
+        self.pid = self._child.pid
+        self.child_fd = self._child.stdout_fd
+        self.closed = False
+        self.terminated = False
+        self._pending = self.string_type()  # decoded, not yet handed to expect()
+        self._pipe_eof = False
+        self._end_of_output = False
+        self._exit_seen_at: float | None = None
+        self._owed = 0  # bytes an exited child may still have in the pipe
+
+    # --- reading ---------------------------------------------------------------------
+
+    def read_nonblocking(self, size: int = 1, timeout: float | None = -1) -> Any:
+        """Return up to ``size`` characters, waiting at most ``timeout`` for output.
+
+        Raises TIMEOUT when nothing arrives in time and EOF once the output has ended:
+        the child has exited, its output is drained, and the pipe is closed or other
+        holders of it had ``drain_grace`` seconds to finish.
+        """
+        if timeout == -1:
+            timeout = self.timeout
+        while not self._pending:
+            if self._end_of_output:
+                self.flag_eof = True
+                raise EOF("End Of File (EOF).")
+            data = self._read_pipe(timeout)
+            if data is None:
+                raise TIMEOUT("Timeout exceeded.")
+            if data:
+                self._pending = self._decode(data, False)
+            else:
+                self._end_of_output = True
+                self._pending = self._decode(b"", True)
+        text, self._pending = self._pending[:size], self._pending[size:]
+        self._write_logs(text, self.logfile_read)
+        return text
+
+    def _decode(self, data: bytes, final: bool) -> Any:
+        return data if self._decoder is None else self._decoder.decode(data, final)
+
+    def _write_logs(self, text: Any, second: Any) -> None:
+        """Write to ``logfile`` and to ``second`` (``logfile_read`` or ``logfile_send``)."""
+        for sink in (self.logfile, second):
+            if sink is not None:
+                sink.write(text)
+                sink.flush()
+
+    def _output_waiting(self) -> bool:
+        """True when read_nonblocking() can return without waiting for new output."""
+        if self._pending:
+            return True
+        if self._end_of_output or self._exit_seen_at is None:
+            return False
+        return self._owed > 0 and bool(_process.wait_readable([self._child.stdout_fd], 0))
+
+    def _note_exit(self) -> None:
+        if self._exit_seen_at is None:
+            self._exit_seen_at = time.monotonic()
+            self._owed = _process.pipe_capacity(self._child.stdout_fd)
+
+    def _read_pipe(self, timeout: float | None) -> bytes | None:
+        """Bytes from the pipe; b"" at the end of output; None if ``timeout`` passed."""
+        child = self._child
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if self._exit_seen_at is None:
+                fds = [child.exit_fd] if self._pipe_eof else [child.stdout_fd, child.exit_fd]
+                ready = _process.wait_readable(fds, left)
+                if child.stdout_fd in ready:
+                    data = os.read(child.stdout_fd, READ_CHUNK)
+                    if data:
+                        return data
+                    self._pipe_eof = True  # the child may live on with its output closed
+                if child.exit_fd in ready:
+                    self._note_exit()
+                    continue
+                if not ready:
+                    return None
+                continue
+            if self._pipe_eof:
+                return b""
+            # The child has exited. What it wrote is at most one pipe's worth and is
+            # read without a deadline; other writers get until drain_grace runs out.
+            wait = 0.0
+            if self._owed <= 0:
+                grace_left = self._exit_seen_at + self.drain_grace - time.monotonic()
+                if grace_left <= 0:
+                    log.debug("pid %d exited; another process still holds its output pipe open", self.pid)
+                    return b""
+                wait = grace_left if left is None else min(grace_left, left)
+            if _process.wait_readable([child.stdout_fd], wait):
+                data = os.read(child.stdout_fd, READ_CHUNK)
+                if not data:
+                    self._pipe_eof = True
+                    return b""
+                self._owed -= len(data)
+                return data
+            if self._owed > 0:
+                self._owed = 0  # the pipe is empty: everything the child wrote is read
+            elif deadline is not None and time.monotonic() >= deadline:
+                return None
+
+    def expect_loop(self, searcher: Any, timeout: float | None = -1, searchwindowsize: int | None = -1) -> int:
+        """pexpect's expect loop; output the child already wrote is never cut by timeout."""
+        if timeout == -1:
+            timeout = self.timeout
+        return _Expecter(self, searcher, searchwindowsize).expect_loop(timeout)
+
+    def _trim_unmatched(self) -> None:
+        """Keep at most about ``2 * max_unmatched`` characters of unmatched output."""
+        limit = self.max_unmatched
+        state: Any = self  # pexpect's Expecter keeps its buffers in these private fields
+        if limit is None or state._before.seek(0, io.SEEK_END) <= 2 * limit:
+            return
+        # The search window (_buffer) must stay a suffix of _before.
+        keep = max(limit, state._buffer.seek(0, io.SEEK_END))
+        tail = state._before.getvalue()[-keep:]
+        state._before = state.buffer_type()
+        state._before.write(tail)
+
+    # --- status ----------------------------------------------------------------------
+
+    def _record_exit(self, status: _process.ExitStatus) -> None:
+        self.status = status.status
+        self.exitstatus = status.exitstatus
+        self.signalstatus = status.signalstatus
+        self.terminated = True
+        self._note_exit()
+
+    def isalive(self) -> bool:
+        """False once the child has exited; then ``exitstatus``/``signalstatus`` are set.
+
+        Non-blocking, as in ptyprocess. A child killed by signal N has
+        ``exitstatus`` None and ``signalstatus`` N.
+        """
+        if self.terminated:
+            return False
+        status = self._child.reap(block=False)
+        if status is None:
+            return True
+        self._record_exit(status)
+        return False
+
+    def wait(self) -> int | None:
+        """Block until the child exits and return ``exitstatus`` (as ``pexpect.spawn``).
+
+        Like ptyprocess, it reads nothing: a child blocked on a full pipe never exits.
+        """
+        if not self.terminated:
+            self._record_exit(self._child.reap(block=True) or _process.ExitStatus(None, None, None))
+        return self.exitstatus
+
+    # --- input and signals ---------------------------------------------------------------
+
+    def send(self, s: Any) -> int:
+        """Write ``s`` to the child's stdin; returns bytes written, 0 if stdin is closed.
+
+        The text is never logged by this library (it may be a password).
+        """
+        if self.encoding is None and isinstance(s, str):
+            s = s.encode("utf-8")
+        self._write_logs(s, self.logfile_send)
+        data = s if self.encoding is None else s.encode(self.encoding, self.codec_errors)
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.write(self._child.stdin_fd, view)
+                view = view[n:]
+        except (BrokenPipeError, OSError) as e:
+            log.debug("pid %d: stdin is closed (%s); %d bytes not sent", self.pid, type(e).__name__, len(view))
+            return len(data) - len(view)
+        return len(data)
+
+    def sendeof(self) -> None:
+        """Close the child's stdin (it then reads end of file)."""
+        self._child.close_stdin()
+
+    def kill(self, sig: int) -> None:
+        """Send ``sig`` to the child if it is still alive (as ptyprocess)."""
+        if self.isalive():
+            self._child.signal(sig)
+
+    def terminate(self, force: bool = False) -> bool:
+        """End the child's process group: SIGTERM, then SIGKILL if ``force``.
+
+        ptyprocess sends SIGHUP, SIGCONT and SIGINT to the child alone; a job on
+        pipes has no hangup to simulate, so this sends SIGTERM (and SIGCONT) to the
+        child's process group and waits up to ``delayafterterminate`` seconds.
+        Returns True when the child has exited.
+        """
+        if not self.isalive():
+            return True
+        self._child.signal_group(15)
+        self._child.signal_group(18)
+        if self._child.has_exited(self.delayafterterminate):
+            return not self.isalive()
+        if not force:
+            return False
+        self._child.signal_group(9)
+        self._child.has_exited(self.delayafterterminate)
+        return not self.isalive()
+
+    def close(self, force: bool = True) -> None:
+        """Reap the child and close every pipe; idempotent.
+
+        A child still running is ended with :meth:`terminate` (``force``), as in
+        ptyprocess. Background processes of a child that already exited are left
+        alone, as with a PTY and ``ignore_sighup``.
+        """
+        if self.closed:
+            return
+        if self.isalive() and not self.terminate(force):
+            raise ExceptionPexpect("Could not terminate the child.")
+        self.wait()
+        self._child.close()
+        self.child_fd = -1
+        self.closed = True
+
+    def __del__(self) -> None:
+        # As ptyprocess: a spawn that is dropped while open is closed (and its child
+        # ended) so that no fd or zombie is left behind.
+        if not getattr(self, "closed", True) and hasattr(self, "_child"):
+            with contextlib.suppress(Exception):
+                self.close()
+
+    def isatty(self) -> bool:
+        """False: the child is on pipes."""
+        return False
+
+
+class _Expecter(_ExpecterBase):
+    """Expecter whose timeout bounds waiting, not handing over output already written.
+
+    pexpect's loop counts the time ``logfile_read`` takes against the timeout, so a
+    slow event handler made ``Runner.run()``'s final ``expect(EOF, timeout=5)``
+    raise TIMEOUT with output still unread (ansible-runner issue 1343).
+    """
+
+    spawn: RunnerSpawn
+
+    def expect_loop(self, timeout: float | None = -1) -> int:
+        spawn = self.spawn
+        end = None if timeout is None else time.monotonic() + timeout
+        try:
+            idx = self.existing_data()
+            if idx is not None:
+                return int(idx)
+            while True:
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left < 0 and not spawn._output_waiting():
+                    return int(self.timeout())
+                spawn._trim_unmatched()
+                incoming = spawn.read_nonblocking(spawn.maxread, None if left is None else max(left, 0.0))
+                if spawn.delayafterread:
+                    time.sleep(spawn.delayafterread)
+                idx = self.new_data(incoming)
+                if idx is not None:
+                    return int(idx)
+        except EOF as e:
+            return int(self.eof(e))
+        except TIMEOUT as e:
+            return int(self.timeout(e))
+        except BaseException:
+            self.errored()
+            raise
+
+
+def _command_line(command: str, args: Sequence[str] | None) -> list[str]:
+    if isinstance(args, (str, bytes)):
+        raise TypeError("args must be a list of strings, not a single string: use args=[...]")
+    if not isinstance(command, str) or not command:
+        raise ExceptionPexpect(f"The command must be a non-empty string, not {command!r}.")
+    if args:
+        return [command, *args]
+    argv: list[str] = split_command_line(command)  # type: ignore[no-untyped-call]
+    if not argv:
+        raise ExceptionPexpect("The command is empty.")
+    return list(argv)
+
+
+def _child_env(env: Mapping[str, str] | None) -> dict[str, str]:
+    """The child's environment: ``env`` (or the host's), plus PYTHONUNBUFFERED=1."""
+    child_env = dict(os.environ if env is None else env)
+    for key, value in child_env.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ExceptionPexpect(
+                f"The environment must map str to str; {key!r} maps to a {type(value).__name__}. "
+                "Convert the value with str() or remove it."
+            )
+    # On a pipe CPython block-buffers stdout: ansible's output would arrive in bursts,
+    # late enough for idle_timeout to end a healthy job.
+    child_env.setdefault("PYTHONUNBUFFERED", "1")
+    return child_env
