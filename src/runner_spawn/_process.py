@@ -69,6 +69,18 @@ def _close(fd: int) -> None:
             os.close(fd)
 
 
+def _inheritable_fds() -> list[int]:
+    """The host's fds above 2 without close-on-exec: they would leak into the job."""
+    found = []
+    for name in os.listdir("/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"):
+        fd = int(name)
+        if fd > 2:
+            with contextlib.suppress(OSError):  # the directory's own fd, now closed
+                if os.get_inheritable(fd):
+                    found.append(fd)
+    return found
+
+
 def pipe_capacity(fd: int) -> int:
     """Bytes the pipe behind ``fd`` can hold (what a writer can have left in it)."""
     try:
@@ -143,6 +155,8 @@ class Child:
                     (os.POSIX_SPAWN_DUP2, stdin_r, 0),
                     (os.POSIX_SPAWN_DUP2, stdout_w, 1),
                     (os.POSIX_SPAWN_DUP2, stdout_w, 2),
+                    # As close_fds=True in subprocess and ptyprocess: the job gets 0-2 only.
+                    *((os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds()),
                 ],
                 setsid=True,
                 setsigdef=_DEFAULT_SIGNALS,
