@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -63,10 +64,8 @@ def alive(procs: dict[int, int]) -> dict[int, int]:
 def kill_all(procs: dict[int, int]) -> None:
     """SIGKILL each of ``procs`` that is still the same process, then reap our zombie children."""
     for pid in alive(procs):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     deadline = time.monotonic() + 5
     while alive(procs) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -79,10 +78,8 @@ def reap_orphans(procs: dict[int, int]) -> None:
     for pid in procs:
         st = stat(pid)
         if st is not None and st[0] == me and st[3] == "Z":
-            try:
+            with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
 
 
 def wait_gone(procs: dict[int, int], timeout: float) -> dict[int, int]:

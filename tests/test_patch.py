@@ -135,7 +135,7 @@ def test_version_guard_names_range_and_version() -> None:
 
     with pytest.raises(runner_spawn.UnsupportedRunnerError, match=r">=2\.3,<2\.5.*2\.5\.0 is installed"):
         patch.check_runner_version("2.5.0")
-    with pytest.raises(runner_spawn.UnsupportedRunnerError, match="2.2.1"):
+    with pytest.raises(runner_spawn.UnsupportedRunnerError, match=r"2\.2\.1"):
         patch.check_runner_version("2.2.1")
     patch.check_runner_version("2.3.6")
     patch.check_runner_version("2.4.3")

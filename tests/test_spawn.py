@@ -126,7 +126,7 @@ def test_command_string_is_split_like_pexpect() -> None:
 
 
 def test_missing_command_raises_like_pexpect() -> None:
-    with pytest.raises(pexpect.ExceptionPexpect, match="^The command was not found or was not executable: nope-xyz"):
+    with pytest.raises(pexpect.ExceptionPexpect, match=r"^The command was not found or was not executable: nope-xyz"):
         RunnerSpawn("nope-xyz", [])
 
 
@@ -141,7 +141,7 @@ def test_non_str_env_value_raises_naming_the_key() -> None:
 
 
 def test_preexec_fn_refused_with_advice() -> None:
-    with pytest.raises(ValueError, match="preexec_fn.*between fork and exec.*cwd="):
+    with pytest.raises(ValueError, match=r"preexec_fn.*between fork and exec.*cwd="):
         RunnerSpawn("true", [], preexec_fn=lambda: None)
 
 
