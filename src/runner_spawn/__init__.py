@@ -7,12 +7,14 @@ jobs with :func:`handle_runner_termination`.
 
 from .patch import UnsupportedRunnerError, install, is_installed, uninstall
 from .spawn import RunnerSpawn
+from .terminal import TerminalSpawn
 from .termination import handle_runner_termination
 
 __version__ = "0.1.0"
 
 __all__ = [
     "RunnerSpawn",
+    "TerminalSpawn",
     "UnsupportedRunnerError",
     "__version__",
     "handle_runner_termination",

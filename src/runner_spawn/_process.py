@@ -20,6 +20,7 @@ import time
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger("runner_spawn")
 
@@ -127,6 +128,29 @@ def find_child(pid: int) -> Child | None:
         return _children.get(pid)
 
 
+def _terminal_stdio(master: int, slave_path: str) -> tuple[int, int, list[tuple[Any, ...]]]:
+    """(stdout_fd, stdin_fd, file actions) for a job on a pseudo-terminal; takes ``master``.
+
+    The job opens the slave by path as fd 0 (1 and 2 are copies). posix_spawn runs
+    file actions after setsid() (glibc's and musl's order), and a session leader
+    without a controlling terminal that opens a terminal without O_NOCTTY acquires
+    it: the terminal becomes the job's controlling terminal, its process group the
+    foreground one. stdout_fd is ``master``, stdin_fd a copy of it, so that closing
+    stdin leaves output readable.
+    """
+    try:
+        stdin_fd = fcntl.fcntl(master, fcntl.F_DUPFD_CLOEXEC, 3)
+    except BaseException:
+        _close(master)
+        raise
+    actions: list[tuple[Any, ...]] = [
+        (os.POSIX_SPAWN_OPEN, 0, slave_path, os.O_RDWR, 0),
+        (os.POSIX_SPAWN_DUP2, 0, 1),
+        (os.POSIX_SPAWN_DUP2, 0, 2),
+    ]
+    return master, stdin_fd, actions
+
+
 class Child:
     """A job process: stdin and stdout+stderr on pipes, a session of its own.
 
@@ -135,26 +159,37 @@ class Child:
     ``waitid(WNOWAIT)`` that writes to a pipe; either way it is one fd to poll.
     """
 
-    def __init__(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None) -> None:
+    def __init__(
+        self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None, *, tty: tuple[int, str] | None = None
+    ) -> None:
+        """Start ``argv``. With ``tty`` (a pseudo-terminal's master fd and slave path)
+        the job gets the terminal instead of pipes (see :func:`_terminal_stdio`)."""
         exe, spawn_argv = argv[0], list(argv)
         if cwd is not None:
             exe, spawn_argv = _SHELL, [_SHELL, "-c", _CD_AND_EXEC, cwd, *argv]
-        stdin_r, self.stdin_fd = _pipe()
-        try:
-            self.stdout_fd, stdout_w = _pipe()
-        except BaseException:
-            _close(stdin_r)
-            _close(self.stdin_fd)
-            raise
+        stdin_r = stdout_w = -1
+        if tty is not None:
+            self.stdout_fd, self.stdin_fd, stdio = _terminal_stdio(*tty)
+        else:
+            stdin_r, self.stdin_fd = _pipe()
+            try:
+                self.stdout_fd, stdout_w = _pipe()
+            except BaseException:
+                _close(stdin_r)
+                _close(self.stdin_fd)
+                raise
+            stdio = [
+                (os.POSIX_SPAWN_DUP2, stdin_r, 0),
+                (os.POSIX_SPAWN_DUP2, stdout_w, 1),
+                (os.POSIX_SPAWN_DUP2, stdout_w, 2),
+            ]
         try:
             self.pid = os.posix_spawn(
                 exe,
                 spawn_argv,
                 env,
                 file_actions=[
-                    (os.POSIX_SPAWN_DUP2, stdin_r, 0),
-                    (os.POSIX_SPAWN_DUP2, stdout_w, 1),
-                    (os.POSIX_SPAWN_DUP2, stdout_w, 2),
+                    *stdio,
                     # As close_fds=True in subprocess and ptyprocess: the job gets 0-2 only.
                     *((os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds()),
                 ],

@@ -18,6 +18,7 @@ from typing import Any
 import pexpect
 
 from .spawn import RunnerSpawn
+from .terminal import TerminalSpawn
 from .termination import handle_runner_termination
 
 #: ansible-runner versions this release is tested on: [low, high).
@@ -80,15 +81,27 @@ def _terminate(cls: type, pid: int, pidfile: str | None = None, is_cancel: bool 
     handle_runner_termination(pid, pidfile=pidfile, is_cancel=is_cancel)
 
 
-def install() -> None:
+def _mode(terminal: bool) -> str:
+    return "terminal" if terminal else "pipe"
+
+
+def install(*, terminal: bool = False) -> None:
     """Make ansible-runner start jobs with RunnerSpawn. Idempotent and thread-safe.
 
     Call it once at startup, before jobs run; Runner objects that already exist are
     covered too. Raises :class:`UnsupportedRunnerError` outside the supported
-    ansible-runner range.
+    ansible-runner range. With ``terminal=True`` jobs get a pseudo-terminal as
+    their controlling terminal (:class:`~runner_spawn.terminal.TerminalSpawn`).
+    Installing again in the same mode does nothing; in the other mode it raises
+    RuntimeError: call :func:`uninstall` first.
     """
     with _lock:
         if _originals:
+            if _originals["terminal"] != terminal:
+                raise RuntimeError(
+                    f"runner-spawn is already installed in {_mode(_originals['terminal'])} mode; "
+                    f"call runner_spawn.uninstall() before install(terminal={terminal})."
+                )
             return
         check_runner_version()
         module = importlib.import_module("ansible_runner.runner")
@@ -98,6 +111,9 @@ def install() -> None:
         _originals["module"] = module
         _originals["pexpect"] = module.pexpect
         _originals["handle_termination"] = vars(runner_cls)["handle_termination"]
+        _originals["terminal"] = terminal
+        if terminal:
+            view.spawn = TerminalSpawn
         setattr(module, "pexpect", view)  # noqa: B010 - a module attribute, set by name
         runner_cls.handle_termination = classmethod(_terminate)
 

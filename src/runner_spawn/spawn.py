@@ -31,7 +31,7 @@ from pexpect.popen_spawn import PopenSpawn
 from pexpect.spawnbase import SpawnBase
 from pexpect.utils import split_command_line, which
 
-from . import _process
+from . import _container, _process
 
 log = logging.getLogger("runner_spawn")
 
@@ -59,6 +59,10 @@ class RunnerSpawn(_PopenSpawnBase):
     exec. The supervising thread sleeps in ``poll()`` while the child is quiet;
     there is no reader thread.
     """
+
+    #: The child has no terminal, so a container engine's ``--tty`` is dropped
+    #: (:mod:`runner_spawn._container`). A spawn that gives the child a terminal sets False.
+    drop_container_tty = True
 
     def __init__(
         self,
@@ -117,6 +121,7 @@ class RunnerSpawn(_PopenSpawnBase):
         self.delayafterterminate = TERMINATE_GRACE
 
         argv = _command_line(command, args)
+        argv = _container.without_tty(argv) if self.drop_container_tty else argv
         child_env = _child_env(env)
         path = which(argv[0], env=child_env)
         if path is None:
@@ -128,7 +133,7 @@ class RunnerSpawn(_PopenSpawnBase):
             if not os.path.isdir(workdir):
                 raise ExceptionPexpect(f"The working directory does not exist or is not a directory: {workdir}.")
         try:
-            self._child = _process.Child(argv, child_env, workdir)
+            self._child = self._start_child(argv, child_env, workdir)
         except OSError as e:
             raise ExceptionPexpect(f"The command could not be started: {path}: {e}.") from e
 
@@ -145,7 +150,15 @@ class RunnerSpawn(_PopenSpawnBase):
         self._exit_seen_at: float | None = None
         self._owed = 0  # bytes an exited child may still have in the pipe
 
+    def _start_child(self, argv: list[str], env: dict[str, str], workdir: str | None) -> _process.Child:
+        """Start the child process (on pipes); subclasses give it other stdio."""
+        return _process.Child(argv, env, workdir)
+
     # --- reading ---------------------------------------------------------------------
+
+    def _read_output(self) -> bytes:
+        """One read of the child's output fd: b"" at its end."""
+        return os.read(self._child.stdout_fd, READ_CHUNK)
 
     def read_nonblocking(self, size: int = 1, timeout: float | None = -1) -> Any:
         """Return up to ``size`` characters, waiting at most ``timeout`` for output.
@@ -205,7 +218,7 @@ class RunnerSpawn(_PopenSpawnBase):
                 fds = [child.exit_fd] if self._pipe_eof else [child.stdout_fd, child.exit_fd]
                 ready = _process.wait_readable(fds, left)
                 if child.stdout_fd in ready:
-                    data = os.read(child.stdout_fd, READ_CHUNK)
+                    data = self._read_output()
                     if data:
                         return data
                     self._pipe_eof = True  # the child may live on with its output closed
@@ -227,7 +240,7 @@ class RunnerSpawn(_PopenSpawnBase):
                     return b""
                 wait = grace_left if left is None else min(grace_left, left)
             if _process.wait_readable([child.stdout_fd], wait):
-                data = os.read(child.stdout_fd, READ_CHUNK)
+                data = self._read_output()
                 if not data:
                     self._pipe_eof = True
                     return b""
