@@ -116,7 +116,7 @@ def self_test(spawn: Callable[..., Any] | None = None) -> tuple[bool, str]:
 
     if spawn is None:
         spawn = runner_module.pexpect.spawn
-        if spawn is not RunnerSpawn:
+        if not (isinstance(spawn, type) and issubclass(spawn, RunnerSpawn)):
             return False, f"ansible_runner.runner.pexpect.spawn is {spawn!r}, not RunnerSpawn"
     forks = [0]
 

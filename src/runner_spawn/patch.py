@@ -68,12 +68,22 @@ def _check_runner_shape(module: types.ModuleType) -> None:
     runner = getattr(module, "Runner", None)
     run = getattr(runner, "run", None)
     names = set(getattr(getattr(run, "__code__", None), "co_names", ()))
-    missing = {"pexpect", "spawn", "handle_termination", "logfile_read"} - names
-    if getattr(module, "pexpect", None) is None or missing or "handle_termination" not in vars(runner):
+    missing = sorted({"pexpect", "spawn", "handle_termination", "logfile_read"} - names)
+    if getattr(module, "pexpect", None) is None:
+        missing.append("module-level pexpect")
+    if runner is None or "handle_termination" not in vars(runner):
+        missing.append("Runner.handle_termination")
+    if missing:
+        try:
+            version = runner_version()
+        except metadata.PackageNotFoundError:
+            version = "(version unknown)"
         raise UnsupportedRunnerError(
-            "ansible_runner.runner.Runner.run() does not start jobs through pexpect.spawn as "
-            f"ansible-runner {SUPPORTED_RUNNER_TEXT} does (missing: {', '.join(sorted(missing)) or 'pexpect'}); "
-            "runner-spawn cannot patch it. Pin ansible-runner to the supported range."
+            f"runner-spawn cannot patch ansible-runner {version}: Runner.run() does not start jobs through "
+            f"pexpect.spawn as ansible-runner {SUPPORTED_RUNNER_TEXT} does (not found: {', '.join(missing)}), "
+            "so jobs would bypass or break the patch. "
+            f"Pin ansible-runner to {SUPPORTED_RUNNER_TEXT} (pip install 'ansible-runner{SUPPORTED_RUNNER_TEXT}') "
+            "or use a runner-spawn release that supports this ansible-runner; until then, do not call install()."
         )
 
 
