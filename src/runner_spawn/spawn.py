@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pexpect.exceptions import EOF, TIMEOUT, ExceptionPexpect
-from pexpect.expect import Expecter
+from pexpect.expect import Expecter, searcher_re, searcher_string
 from pexpect.popen_spawn import PopenSpawn
 from pexpect.spawnbase import SpawnBase
 from pexpect.utils import split_command_line, which
@@ -256,6 +256,47 @@ class RunnerSpawn(_PopenSpawnBase):
         if timeout == -1:
             timeout = self.timeout
         return _Expecter(self, searcher, searchwindowsize).expect_loop(timeout)
+
+    # pexpect's expect(), expect_list() and expect_exact() build a plain Expecter and
+    # never call expect_loop(); these two route them through it.
+    def expect_list(
+        self,
+        pattern_list: Any,
+        timeout: float | None = -1,
+        searchwindowsize: int | None = -1,
+        async_: bool = False,
+        **kw: Any,
+    ) -> Any:
+        """As pexpect's (``expect()`` calls it), through :meth:`expect_loop`."""
+        if async_ or kw:
+            base: Any = SpawnBase
+            return base.expect_list(self, pattern_list, timeout, searchwindowsize, async_, **kw)
+        return self.expect_loop(searcher_re(pattern_list), timeout, searchwindowsize)
+
+    def expect_exact(
+        self,
+        pattern_list: Any,
+        timeout: float | None = -1,
+        searchwindowsize: int | None = -1,
+        async_: bool = False,
+        **kw: Any,
+    ) -> Any:
+        """As pexpect's, through :meth:`expect_loop`."""
+        state: Any = self  # pexpect's private pattern helpers are not in its stubs
+        if async_ or kw:
+            base: Any = SpawnBase
+            return base.expect_exact(self, pattern_list, timeout, searchwindowsize, async_, **kw)
+        if isinstance(pattern_list, self.allowed_string_types) or pattern_list in (TIMEOUT, EOF):
+            pattern_list = [pattern_list]
+        patterns = []
+        for pattern in pattern_list:
+            if pattern in (TIMEOUT, EOF):
+                patterns.append(pattern)
+            elif isinstance(pattern, self.allowed_string_types):
+                patterns.append(state._coerce_expect_string(pattern))
+            else:
+                state._pattern_type_err(pattern)
+        return self.expect_loop(searcher_string(patterns), timeout, searchwindowsize)
 
     def _trim_unmatched(self) -> None:
         """Keep at most about ``2 * max_unmatched`` characters of unmatched output."""
