@@ -29,6 +29,7 @@ import fcntl
 import os
 import struct
 import termios
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -75,6 +76,7 @@ class TerminalSpawn(RunnerSpawn):
     character instead of closing stdin. The end of output is the terminal's hangup
     (EIO from the master once no process has the slave open), with the same
     ``drain_grace`` as pipes when a background process keeps the slave open.
+    ``send()`` waits ``delaybeforesend`` (50 ms) first, as ``pexpect.spawn`` does.
     """
 
     def __init__(
@@ -150,6 +152,24 @@ class TerminalSpawn(RunnerSpawn):
                 return b""
             raise
 
+    def send(self, s: Any) -> int:
+        """Write ``s`` to the terminal after ``delaybeforesend`` seconds (50 ms), as ``pexpect.spawn``.
+
+        Programs that prompt on a terminal often discard pending input right after
+        showing the prompt (ansible's ``pause`` sets raw mode with TCSAFLUSH, getpass
+        flushes too): an answer sent at once can be lost and the job then waits forever.
+        Set ``delaybeforesend`` to None to send at once.
+        """
+        if self.delaybeforesend:
+            time.sleep(self.delaybeforesend)
+        return super().send(s)
+
+    def sendline(self, s: Any = "") -> int:
+        """Send ``s`` and a line end in one write (pipe mode writes them separately)."""
+        if self.encoding is None and isinstance(s, str):
+            s = s.encode("utf-8")
+        return self.send(s + self.linesep)
+
     def sendeof(self) -> None:
         """Send the terminal's EOF character (usually ^D), as ``pexpect.spawn`` does.
 
@@ -166,7 +186,7 @@ class TerminalSpawn(RunnerSpawn):
             char = termios.tcgetattr(self._child.stdin_fd)[6][index]
         except (termios.error, OSError):
             char = default
-        self.send(char if self.encoding is None else char.decode("latin-1"))
+        RunnerSpawn.send(self, char if self.encoding is None else char.decode("latin-1"))  # no delay
 
     def getwinsize(self) -> tuple[int, int]:
         """The terminal's (rows, columns)."""
