@@ -77,10 +77,11 @@ class ConnectionPool:
     A connection pool returns a connection in ``__del__`` under the pool's lock; a
     maintenance thread holds that lock while it checks idle connections. A server
     thread keeps handling requests, and each leaves its connection in a reference
-    cycle (request <-> handler state), so only the cyclic GC frees it. When a fork copies such garbage and the child then
-    allocates enough to start a collection, the child runs ``__del__`` and blocks on
-    the lock the maintenance thread held at fork time. What makes the child allocate is
-    harmless: another library's at-fork handler that rebuilds a 300-entry cache.
+    cycle (request <-> handler state), so only the cyclic GC frees it. When a fork
+    copies such garbage and the child then allocates enough to start a collection, the
+    child runs ``__del__`` and blocks on the lock the maintenance thread held at fork
+    time. What makes the child allocate is harmless: another library's at-fork
+    handler that rebuilds a 300-entry cache.
     """
 
     def __init__(self, hold: float, free: float) -> None:
@@ -246,7 +247,9 @@ def _never_execd_children() -> dict[int, int]:
 # --- the worker: one batch in a disposable process -----------------------------------
 
 
-def run_worker(impl: str, mechanism: str, spawns: int, watchdog: float, stop_after_hangs: int, duty: float) -> dict[str, object]:
+def run_worker(
+    impl: str, mechanism: str, spawns: int, watchdog: float, stop_after_hangs: int, duty: float
+) -> dict[str, object]:
     """Make this process hazardous with ``mechanism``, then spawn with ``impl`` ``spawns`` times."""
     spawn = SPAWNERS[impl]
     spawn()  # warm up (imports) before the host turns hazardous
@@ -258,6 +261,12 @@ def run_worker(impl: str, mechanism: str, spawns: int, watchdog: float, stop_aft
         ConnectionPool(hold, free)
     else:
         raise ValueError(f"unknown mechanism {mechanism!r}")
+    return _spawn_batch(impl, mechanism, spawn, spawns, watchdog, stop_after_hangs)
+
+
+def _spawn_batch(
+    impl: str, mechanism: str, spawn: Callable[[], str], spawns: int, watchdog: float, stop_after_hangs: int
+) -> dict[str, object]:
     hangs = errors = killed = done = 0
     first_error = ""
     started = time.monotonic()
@@ -436,7 +445,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.json:
                 print(json.dumps(asdict(r)), flush=True)
             else:
-                print(f"  {mech:7} {impl:14} {r.hangs}/{r.spawns} hung  ({r.seconds:.1f}s)", file=sys.stderr, flush=True)
+                print(
+                    f"  {mech:7} {impl:14} {r.hangs}/{r.spawns} hung  ({r.seconds:.1f}s)", file=sys.stderr, flush=True
+                )
     if not args.json:
         print(f"\nHangs per {args.spawns} spawns of `echo` (watchdog {args.watchdog:g}s, lock held {args.duty:.0%}):")
         print(format_table(results))
