@@ -1,0 +1,50 @@
+"""The benchmark suite runs end to end in its quick mode and prints its table.
+
+No timing is checked: the figures depend on the machine. What is checked is that
+every implementation produced every figure, and that RunnerSpawn delivered all of
+its output (a correctness property, not a speed).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RUN = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
+IMPL_COLUMNS = ["pexpect.spawn", "PopenSpawn", "RunnerSpawn"]
+
+
+def _table(stdout: str) -> list[list[str]]:
+    lines = [line.strip() for line in stdout.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
+@pytest.mark.timeout(90)
+def test_quick_mode_prints_a_complete_table() -> None:
+    proc = subprocess.run([sys.executable, str(RUN), "--quick"], capture_output=True, text=True, timeout=80)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _table(proc.stdout)
+    assert rows, proc.stdout
+    assert rows[0][:4] == ["metric", *IMPL_COLUMNS]
+    body = {r[0]: r for r in rows[2:]}
+    expected = [
+        "quiet CPU, child `sleep 10`, 1 job",
+        "quiet CPU, child prints 1 line/s, 1 job",
+        "output: throughput",
+        "output: bytes lost",
+        "output: supervisor peak RSS growth",
+        "`/bin/true` spawn to close",
+        "same, parent holds",
+        "busy Python threads in parent",
+    ]
+    for prefix in expected:
+        matches = [label for label in body if prefix in label]
+        assert matches, f"no row for {prefix!r} in:\n{proc.stdout}"
+        row = body[matches[0]]
+        assert "n/a" not in row[1:4], f"a measurement is missing:\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    lost = body[next(label for label in body if "bytes lost" in label)]
+    assert lost[3] == "0 (0)", proc.stdout
+    assert "note:" not in proc.stdout or "error" not in proc.stdout, proc.stdout
