@@ -35,6 +35,8 @@ from ansible_runner.interface import get_inventory, run_command
 import runner_spawn
 from runner_spawn import RunnerSpawn
 from runner_spawn._container import without_tty
+from runner_spawn.cli import main as cli_main
+from runner_spawn.patch import runner_version as ansible_runner_version
 from tests import procs
 from tests.conftest import JobDir
 
@@ -401,6 +403,7 @@ def _process_stream(stream: bytes, pdd: Path) -> dict[str, Any]:
     }
 
 
+@pytest.mark.timeout(240)  # four jobs' worth of work: stock, patched, subprocess, and transmit
 def test_streaming_pipeline_in_process_and_worker_subprocess(job_dir: JobDir, tmp_path: Path) -> None:
     pdd = job_dir(PLAYBOOK)
     with open(tmp_path / "transmit.stream", "w+b") as out:  # transmit needs a real file
@@ -473,6 +476,17 @@ def test_cli_run_matches_stock_cli(job_dir: JobDir) -> None:
     assert patched["exit"] == 0 and patched["artifacts"]["status"] == "successful"
     assert "ok=2" in patched["printed"]
     assert patched == stock
+
+
+def test_cli_main_installs_patch_and_returns_exit_status(capsys: pytest.CaptureFixture[str]) -> None:
+    try:
+        assert cli_main(["--version"]) == 0
+        assert runner_spawn.is_installed()
+        assert capsys.readouterr().out.strip() == ansible_runner_version()
+        assert cli_main([]) == 2  # argparse: a command is required
+        assert "usage: ansible-runner" in capsys.readouterr().err
+    finally:
+        runner_spawn.uninstall()
 
 
 def _wait_for(predicate: Callable[[], T], timeout: float) -> T:
