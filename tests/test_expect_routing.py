@@ -56,3 +56,12 @@ def test_final_expect_is_not_cut_by_a_slow_sink(method: str) -> None:
         assert len("".join(sink.text)) == 40000
     finally:
         child.close()
+
+
+def test_no_sleep_after_each_read() -> None:
+    # pexpect's default (0.1 ms after every read) cost milliseconds per read under load.
+    child = RunnerSpawn("true")
+    try:
+        assert child.delayafterread is None
+    finally:
+        child.close()
