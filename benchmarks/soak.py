@@ -209,26 +209,31 @@ class Job:
         if status != expected_status:
             problems.append(f"status {status} (rc {rc}), expected {expected_status}")
         counters = sorted(e["counter"] for e in self.events)
-        lost = 0
+        missing: set[int] = set()  # counters of events the handler never saw
         if counters and counters != list(range(1, counters[-1] + 1)):
             gaps = set(range(1, counters[-1] + 1)) - set(counters)
-            lost += len(gaps)
+            missing |= gaps
             problems.append(f"event counters missing: {sorted(gaps)[:10]}")
         events_dir = self.pdd / "artifacts" / "soak" / "job_events"
         names = os.listdir(events_dir) if events_dir.is_dir() else []
         partial = [n for n in names if n.endswith("-partial.json")]
-        written = {n.split("-", 1)[1][: -len(".json")] for n in names if not n.endswith(("-partial.json", ".tmp"))}
+        written = {  # uuid -> counter, from "<counter>-<uuid>.json"
+            n[: -len(".json")].split("-", 1)[1]: int(n.split("-", 1)[0])
+            for n in names
+            if not n.endswith(("-partial.json", ".tmp"))
+        }
         seen = {e["uuid"] for e in self.events}
-        if written != seen:
+        if set(written) != seen:
             problems.append(f"job_events/ has {len(written)} events, the handler saw {len(seen)}")
-            lost += len(written - seen)
+            missing |= {written[u] for u in set(written) - seen}
+        lost = len(missing)
         if expected_status == "successful":
             # Every event ansible wrote a partial file for must have been delivered.
             lost += len(partial)
             if partial:
                 problems.append(f"{len(partial)} events written by ansible never delivered")
             if len(self.events) != QUICK_EVENTS:
-                lost += max(0, QUICK_EVENTS - len(self.events))
+                lost = max(lost, QUICK_EVENTS - len(self.events))
                 problems.append(f"{len(self.events)} events, the playbook makes {QUICK_EVENTS}")
             if not self.events or self.events[-1]["event"] != "playbook_on_stats":
                 problems.append("playbook_on_stats is not the last event")
