@@ -249,8 +249,15 @@ def test_stream_slow_consumer_gets_every_event_in_order(job_dir: JobDir) -> None
         ) as job:
             async for event in job:
                 got.append(event)
+                if len(got) == 1:
+                    # Stall: the runner thread fills the queue (2), then holds the next event.
+                    for _ in range(600):
+                        if handed_over[0] >= 4:
+                            break
+                        await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.2)
                 ahead.append(handed_over[0] - len(got))
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.02)
         return got, ahead, job.runner
 
     got, ahead, runner = asyncio.run(main())
@@ -259,10 +266,10 @@ def test_stream_slow_consumer_gets_every_event_in_order(job_dir: JobDir) -> None
     assert len(on_disk) == 33
     assert [e["uuid"] for e in got] == [e["uuid"] for e in on_disk]
     assert [e["counter"] for e in got] == list(range(1, 34))
-    # Bounded: at most queue_size queued plus one waiting in the runner thread;
-    # and the consumer was slow enough that the queue did fill up.
-    assert max(ahead) <= 3
-    assert max(ahead) >= 2
+    # While the consumer stalled, the runner thread had handed over exactly
+    # queue_size + 1 more events and was waiting; it never got further ahead.
+    assert ahead[0] == 3
+    assert max(ahead) == 3
 
 
 @pytest.mark.parametrize("how", ["break", "cancel"])
