@@ -493,6 +493,16 @@ def test_cli_main_installs_patch_and_returns_exit_status(capsys: pytest.CaptureF
         runner_spawn.uninstall()
 
 
+def test_cli_main_runs_nothing_when_the_patch_cannot_be_installed(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(runner_spawn.patch, "runner_version", lambda: "2.99.0")  # a release not yet supported
+    assert cli_main(["--version"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "2.99.0" in err and "Pin ansible-runner" in err
+    assert not runner_spawn.is_installed()
+
+
 def _wait_for(predicate: Callable[[], T], timeout: float) -> T:
     deadline = time.monotonic() + timeout
     while True:

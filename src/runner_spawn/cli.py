@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from .patch import install
+from .patch import UnsupportedRunnerError, install
 
 
 def _exit_status(code: object) -> int:
@@ -28,9 +28,15 @@ def main(argv: Sequence[str]) -> int:
     """Install the patch, then run ansible-runner's CLI with ``argv``; return its exit status.
 
     ``argv`` is what follows ``ansible-runner`` on its command line, e.g.
-    ``["run", "/srv/job", "-p", "site.yml"]``.
+    ``["run", "/srv/job", "-p", "site.yml"]``. When the patch cannot be installed
+    (an unsupported ansible-runner), nothing runs: the reason goes to stderr and the
+    exit status is 1.
     """
-    install()
+    try:
+        install()
+    except UnsupportedRunnerError as e:
+        print(f"runner-spawn: {e}", file=sys.stderr)
+        return 1
     from ansible_runner.__main__ import main as runner_main  # only needed here: keep importing cli cheap
 
     try:
