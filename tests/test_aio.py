@@ -358,3 +358,27 @@ def test_sixteen_jobs_in_a_task_group(job_dir: JobDir) -> None:
     assert len({r.config.artifact_dir for r in runners}) == 16
     assert all(len(artifact_events(r)) == 9 for r in runners)
     assert running[1] > 1  # they did run at the same time
+
+
+def test_stream_wait_without_iterating_does_not_block(job_dir: JobDir) -> None:
+    pdd = job_dir(OK_PLAYBOOK)
+
+    async def main() -> Any:
+        async with aio.stream(private_data_dir=str(pdd), playbook="site.yml", quiet=True, queue_size=1) as job:
+            return await asyncio.wait_for(job.wait(), 60)  # 9 events, room for 1: not waited on
+
+    runner = asyncio.run(main())
+    assert (runner.status, runner.rc) == ("successful", 0)
+    assert len(artifact_events(runner)) == 9  # dropped from the stream only, not from job_events/
+
+
+def test_stream_must_be_entered() -> None:
+    async def main() -> None:
+        events = aio.stream(private_data_dir="/nonexistent", playbook="site.yml")
+        with pytest.raises(RuntimeError, match="async with"):
+            async for _ in events:
+                pass
+        with pytest.raises(ValueError, match="queue_size"):
+            aio.stream(private_data_dir="/nonexistent", queue_size=0)
+
+    asyncio.run(main())
