@@ -55,7 +55,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=200, help="spawns per class (default 200)")
     parser.add_argument("--no-cwd", action="store_true", help="no cwd: no /bin/sh in front of pipe/terminal mode")
+    parser.add_argument(
+        "--heap-mb", type=int, default=0, help="touch this much memory in the host first (fork copies its page tables)"
+    )
     opts = parser.parse_args()
+    ballast = b"x" * (opts.heap_mb << 20)  # noqa: F841 - kept alive on purpose
     cwd = None if opts.no_cwd else os.getcwd()
     times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in SPAWNS}
     for spawn in SPAWNS.values():  # warm up imports and caches
@@ -63,7 +67,10 @@ def main() -> None:
     for _ in range(opts.runs):
         for name, spawn in SPAWNS.items():
             times[name].append(one_run(spawn, cwd))
-    print(f"/bin/true, {opts.runs} runs each, cwd {'not set' if cwd is None else 'set'}: median / p90 in ms")
+    print(
+        f"/bin/true, {opts.runs} runs each, cwd {'not set' if cwd is None else 'set'}, "
+        f"host heap +{opts.heap_mb} MB: median / p90 in ms"
+    )
     print(f"{'spawn':26}" + "".join(f"{point:>20}" for point in POINTS))
     for name, runs in times.items():
         cells = []

@@ -165,10 +165,12 @@ def test_child_gets_only_stdio_and_host_keeps_no_fd(tmp_path: Path) -> None:
 
 
 def test_quiet_child_costs_no_cpu() -> None:
-    child = sh("sleep 1; echo done")
+    # Quiet with the terminal open, then quiet with it closed (the master reports hangup).
+    child = sh("sleep 0.5; echo done; exec </dev/null >/dev/null 2>&1; sleep 0.5")
     t0 = time.process_time()
-    drive(child)
+    assert drive(child) == "done\r\n"
     assert time.process_time() - t0 < 0.05
+    assert child.exitstatus == 0
 
 
 def test_sendeof_and_sendintr() -> None:
