@@ -17,6 +17,9 @@ from typing import Any
 import pexpect
 from pexpect.popen_spawn import PopenSpawn
 
+import runner_spawn
+from runner_spawn import RunnerSpawn
+
 IMPLS = ("stock", "popen", "runner_spawn")
 LABELS = {"stock": "pexpect.spawn", "popen": "PopenSpawn", "runner_spawn": "RunnerSpawn"}
 #: Runner.run()'s pexpect_timeout default.
@@ -65,7 +68,7 @@ class PlainPopen(PopenSpawn):  # type: ignore[type-arg]
         self.closed = True
 
 
-def spawn(impl: str, argv: Sequence[str], cwd: str, env: Mapping[str, str]) -> Any:
+def spawn(impl: str, argv: Sequence[str], cwd: str | None, env: Mapping[str, str]) -> Any:
     """Start ``argv`` with ``impl``, with the arguments Runner.run() passes."""
     if impl == "popen":
         return PlainPopen(argv[0], list(argv[1:]), cwd=cwd, env=env, encoding="utf-8", codec_errors="replace")
@@ -73,8 +76,6 @@ def spawn(impl: str, argv: Sequence[str], cwd: str, env: Mapping[str, str]) -> A
     if impl == "stock":
         cls = pexpect.spawn
     elif impl == "runner_spawn":
-        from runner_spawn import RunnerSpawn
-
         cls = RunnerSpawn
     else:
         raise ValueError(f"unknown implementation {impl!r}; expected one of {IMPLS}")
@@ -130,8 +131,6 @@ def use_in_runner(impl: str) -> None:
     if impl == "stock":
         return
     if impl == "runner_spawn":
-        import runner_spawn
-
         runner_spawn.install()
         return
     import ansible_runner.runner as runner_module

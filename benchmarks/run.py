@@ -45,6 +45,7 @@ class Settings:
     quiet_window: float
     quiet_settle: float
     throughput_bytes: int
+    sink_bytes: int
     latency_k: int
     latency_memory: int
     latency_threads: int
@@ -59,6 +60,7 @@ FULL = Settings(
     quiet_window=2.0,
     quiet_settle=0.5,
     throughput_bytes=50 * MiB,
+    sink_bytes=2 * MiB,
     latency_k=10,
     latency_memory=4 * GiB,
     latency_threads=16,
@@ -69,13 +71,14 @@ QUICK = Settings(
     reps=1,
     quiet_jobs=[1],
     quiet_kinds=["sleep", "lines"],
-    quiet_window=0.2,
+    quiet_window=0.1,
     quiet_settle=0.05,
-    throughput_bytes=2 * MiB,
-    latency_k=2,
+    throughput_bytes=1 * MiB,
+    sink_bytes=8 * 1024,
+    latency_k=1,
     latency_memory=64 * MiB,
-    latency_threads=4,
-    latency_k_threads=2,
+    latency_threads=2,
+    latency_k_threads=1,
     cases=["quiet", "throughput", "latency"],
 )
 
@@ -106,6 +109,7 @@ def plan(s: Settings, data_file: str) -> list[Run]:
         runs.append(Run("throughput", "throughput", {"file": data_file}))
     if "latency" in s.cases:
         runs.append(Run("latency", "latency-default", {"variant": "default", "k": s.latency_k}))
+        runs.append(Run("latency", "latency-nocwd", {"variant": "nocwd", "k": s.latency_k}))
         runs.append(
             Run("latency", "latency-memory", {"variant": "memory", "k": s.latency_k, "memory_bytes": s.latency_memory})
         )
@@ -141,6 +145,14 @@ def run_worker(run: Run, impl: str) -> dict[str, Any]:
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
+def run_runner_sink(data_file: str, size: int) -> dict[str, Any]:
+    cmd = [sys.executable, str(HERE / "runner_sink.py"), data_file, str(size)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(HERE))
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
 def make_data_file(path: Path, size: int) -> None:
     """``size`` bytes of 100-byte text lines (no \\r, ASCII: bytes == characters)."""
     line = b"x" * 99 + b"\n"
@@ -164,7 +176,9 @@ class Row:
 
 
 def _size(n: int) -> str:
-    return f"{n / GiB:g} GiB" if n >= GiB else f"{n / MiB:g} MiB"
+    if n >= GiB:
+        return f"{n / GiB:g} GiB"
+    return f"{n / MiB:g} MiB" if n >= MiB else f"{n / 1024:g} KiB"
 
 
 def _g(v: float) -> str:
@@ -263,6 +277,7 @@ def rows(s: Settings) -> list[Row]:
             _abs_check("latency-default.ms", 5),
         ),
         Row("latency-default", "cpu_ms", "  supervisor CPU per spawn (ms)", _g),
+        Row("latency-nocwd", "ms", "  same without cwd= (Runner always passes one) (ms)", _g),
         Row(
             "latency-memory",
             "ms",
@@ -284,6 +299,19 @@ def rows(s: Settings) -> list[Row]:
         ),
     ]
     return [r for r in out if r.key.split("-")[0] in s.cases]
+
+
+def sink_line(s: Settings, results: list[dict[str, Any]]) -> str:
+    ok = [r for r in results if "error" not in r]
+    if not ok:
+        return "Runner's own sink: " + "; ".join(str(r["error"]) for r in results)
+    cpu = statistics.median(r["mb_per_cpu_s"] for r in ok)
+    wall = statistics.median(r["mb_per_s"] for r in ok)
+    return (
+        f"Runner's own sink, no child (OutputEventFilter + Runner.event_callback, {_size(s.sink_bytes)} of "
+        f"100-byte lines fed in-process, {ok[0]['events']} job_events files): "
+        f"{cpu:.2f} MB per CPU-s, {wall:.2f} MB/s"
+    )
 
 
 def table(s: Settings, values: dict[str, dict[str, list[float]]], notes: dict[str, list[str]]) -> str:
@@ -365,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     raw: list[dict[str, Any]] = []
     values: dict[str, dict[str, list[float]]] = {}
     notes: dict[str, list[str]] = {}
+    sink_results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="rs-bench-") as tmp:
         data_file = Path(tmp) / "output.txt"
         if "throughput" in s.cases:
@@ -393,10 +422,15 @@ def main(argv: list[str] | None = None) -> int:
                             "Runner's final expect(EOF, timeout=5) raised TIMEOUT "
                             "(caught here; Runner.run() would fail)"
                         )
+            if "throughput" in s.cases:
+                sink_results.append(run_runner_sink(str(data_file), s.sink_bytes))
+                print(f"runner sink: {json.dumps(sink_results[-1])}", file=sys.stderr, flush=True)
     print(f"\n{s.reps} repetition(s), medians; RS = RunnerSpawn; {time.monotonic() - started:.0f} s in all\n")
     print(table(s, values, notes))
+    if sink_results:
+        print("\n" + sink_line(s, sink_results))
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine(), "runs": raw}, indent=1))
+        Path(args.json).write_text(json.dumps({"machine": machine(), "runs": raw, "sink": sink_results}, indent=1))
     return 0
 
 

@@ -139,7 +139,9 @@ def latency(impl: str, p: dict[str, Any]) -> Result:
         busy = [threading.Thread(target=spin, daemon=True) for _ in range(int(p["threads"]))]
         for t in busy:
             t.start()
-    env, cwd = child_env(), tempfile.gettempdir()
+    env = child_env()
+    # Runner always passes cwd; "nocwd" shows what that costs (RunnerSpawn: a /bin/sh hop).
+    cwd = None if p["variant"] == "nocwd" else tempfile.gettempdir()
     times, cpu = [], []
     try:
         for i in range(int(p["k"]) + 1):
@@ -153,7 +155,7 @@ def latency(impl: str, p: dict[str, Any]) -> Result:
                 times.append(t1 - t0)
                 cpu.append(c1 - c0)
         gil = []
-        for _ in range(int(p["k"]) * 2 if busy else 0):
+        for _ in range(20 if busy else 0):
             t0 = time.perf_counter()
             time.sleep(0)  # releases the GIL and takes it back
             gil.append(time.perf_counter() - t0)
