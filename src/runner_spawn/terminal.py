@@ -66,9 +66,9 @@ def _set_echo(fd: int, echo: bool) -> None:
 class TerminalSpawn(RunnerSpawn):
     """A RunnerSpawn whose child runs on a pseudo-terminal, as ``pexpect.spawn``'s does.
 
-    A sibling class rather than a RunnerSpawn option, so that the pipe mode's code
-    path stays exactly as it is and ``install(terminal=True)`` can hand
-    ansible-runner a class with ``pexpect.spawn``'s signature.
+    A subclass rather than a RunnerSpawn option, so that pipe mode's code path
+    stays as it is and ``install(terminal=True)`` can hand ansible-runner a class
+    with ``pexpect.spawn``'s signature.
 
     Differences from RunnerSpawn: stdin, stdout and stderr are the terminal (output
     has ``\\r\\n``); ``echo``, ``dimensions`` (default 24x80) and ``ignore_sighup``
