@@ -6,7 +6,6 @@ concurrent fork of the host cannot block a RunnerSpawn.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import multiprocessing
 import subprocess
@@ -14,31 +13,18 @@ import sys
 import threading
 import time
 from multiprocessing.process import BaseProcess
-from pathlib import Path
-from types import ModuleType
 
 import pexpect
 import pytest
 
 from runner_spawn import RunnerSpawn
+from tests import bench
 from tests.conftest import JobDir
-
-ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Linux /proc and fork semantics")
 
 
-def load_benchmark(name: str) -> ModuleType:
-    """Import ``benchmarks/<name>.py`` by path (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-hazard = load_benchmark("hazard")
+hazard = bench.load("hazard")
 
 
 @pytest.mark.parametrize("mechanism", hazard.MECHANISMS)

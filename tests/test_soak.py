@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_fork_safety import load_benchmark
+from tests import bench
 
-soak = load_benchmark("soak")
+soak = bench.load("soak")
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Linux /proc")
