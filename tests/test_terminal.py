@@ -199,6 +199,16 @@ def test_whole_tree_ended_by_handle_runner_termination() -> None:
     assert child.signalstatus == signal.SIGTERM
 
 
+def test_container_engine_keeps_its_tty(tmp_path: Path) -> None:
+    engine = tmp_path / "docker"
+    engine.write_text('#!/bin/sh\necho "$@"\n')
+    engine.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+    args = ["run", "--rm", "--tty", "--interactive", "image", "ansible-playbook"]
+    out = drive(TerminalSpawn("docker", args, env=env, **RUNNER_KW))
+    assert out == "run --rm --tty --interactive image ansible-playbook\r\n"
+
+
 def test_no_python_at_fork_callback_in_spawn() -> None:
     fired: list[str] = []
     os.register_at_fork(before=lambda: fired.append("before"))

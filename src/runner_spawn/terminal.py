@@ -79,6 +79,9 @@ class TerminalSpawn(RunnerSpawn):
     ``send()`` waits ``delaybeforesend`` (50 ms) first, as ``pexpect.spawn`` does.
     """
 
+    #: The child has a terminal: a container engine's ``--tty`` is kept, as under stock.
+    drop_container_tty = False
+
     def __init__(
         self,
         command: str,
