@@ -118,6 +118,27 @@ def _decode_status(status: int) -> ExitStatus:
     return ExitStatus(status, os.WEXITSTATUS(status), None)
 
 
+# A copy of the host forked (without exec) while a job's pipes are open at both ends
+# would hold the write end of the job's output: end of output would then wait for that
+# copy, and the job's stdin would never see EOF. Forks in other threads therefore wait
+# (os.register_at_fork, in the parent) while a spawn holds both ends. The section under
+# this lock only makes pipes and calls posix_spawn: no logging, no other lock.
+_spawn_lock = threading.RLock()
+_fork_hooks_registered = False
+
+
+def _hold_forks_during_spawns() -> None:
+    global _fork_hooks_registered
+    with _children_lock:
+        if not _fork_hooks_registered:
+            os.register_at_fork(
+                before=_spawn_lock.acquire,
+                after_in_parent=_spawn_lock.release,
+                after_in_child=_spawn_lock.release,
+            )
+            _fork_hooks_registered = True
+
+
 _children: weakref.WeakValueDictionary[int, Child] = weakref.WeakValueDictionary()
 _children_lock = threading.Lock()
 
@@ -167,43 +188,45 @@ class Child:
         exe, spawn_argv = argv[0], list(argv)
         if cwd is not None:
             exe, spawn_argv = _SHELL, [_SHELL, "-c", _CD_AND_EXEC, cwd, *argv]
-        stdin_r = stdout_w = -1
-        if tty is not None:
-            self.stdout_fd, self.stdin_fd, stdio = _terminal_stdio(*tty)
-        else:
-            stdin_r, self.stdin_fd = _pipe()
+        _hold_forks_during_spawns()
+        with _spawn_lock:
+            stdin_r = stdout_w = -1
+            if tty is not None:
+                self.stdout_fd, self.stdin_fd, stdio = _terminal_stdio(*tty)
+            else:
+                stdin_r, self.stdin_fd = _pipe()
+                try:
+                    self.stdout_fd, stdout_w = _pipe()
+                except BaseException:
+                    _close(stdin_r)
+                    _close(self.stdin_fd)
+                    raise
+                stdio = [
+                    (os.POSIX_SPAWN_DUP2, stdin_r, 0),
+                    (os.POSIX_SPAWN_DUP2, stdout_w, 1),
+                    (os.POSIX_SPAWN_DUP2, stdout_w, 2),
+                ]
             try:
-                self.stdout_fd, stdout_w = _pipe()
+                self.pid = os.posix_spawn(
+                    exe,
+                    spawn_argv,
+                    env,
+                    file_actions=[
+                        *stdio,
+                        # As close_fds=True in subprocess and ptyprocess: the job gets 0-2 only.
+                        *((os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds()),
+                    ],
+                    setsid=True,
+                    setsigdef=_DEFAULT_SIGNALS,
+                    setsigmask=(),
+                )
             except BaseException:
-                _close(stdin_r)
                 _close(self.stdin_fd)
+                _close(self.stdout_fd)
                 raise
-            stdio = [
-                (os.POSIX_SPAWN_DUP2, stdin_r, 0),
-                (os.POSIX_SPAWN_DUP2, stdout_w, 1),
-                (os.POSIX_SPAWN_DUP2, stdout_w, 2),
-            ]
-        try:
-            self.pid = os.posix_spawn(
-                exe,
-                spawn_argv,
-                env,
-                file_actions=[
-                    *stdio,
-                    # As close_fds=True in subprocess and ptyprocess: the job gets 0-2 only.
-                    *((os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds()),
-                ],
-                setsid=True,
-                setsigdef=_DEFAULT_SIGNALS,
-                setsigmask=(),
-            )
-        except BaseException:
-            _close(self.stdin_fd)
-            _close(self.stdout_fd)
-            raise
-        finally:
-            _close(stdin_r)
-            _close(stdout_w)
+            finally:
+                _close(stdin_r)
+                _close(stdout_w)
         self.exit: ExitStatus | None = None
         self._waiter: threading.Thread | None = None
         self.exit_fd = self._open_exit_fd()
