@@ -122,6 +122,10 @@ def test_http_service_streams_one_job_and_cancels_another(job_dir: JobDir, examp
             async for name, _ in events:
                 if name == "runner_on_start":
                     break
+            for _ in range(600):  # until the task's process runs
+                if any(cmdline(p) == "sleep 30" for p in new_processes(before)):
+                    break
+                await asyncio.sleep(0.05)
             code, body = await http("DELETE", f"/jobs/{job_id}")
             assert code == 200
             assert json.loads(await body.read())["status"] == "canceled"
@@ -143,3 +147,10 @@ def test_http_service_streams_one_job_and_cancels_another(job_dir: JobDir, examp
 
 def new_processes(before: dict[int, int]) -> dict[int, int]:
     return {p: s for p, s in procs.descendants().items() if p not in before}
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ").strip()
+    except OSError:
+        return ""

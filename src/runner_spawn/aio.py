@@ -25,11 +25,17 @@ sibling, stops the job through ansible-runner's own cancel path: the
 its tree), and the job ends with status ``canceled``. The task then waits, at
 most ``cancel_wait`` seconds (default :data:`CANCEL_WAIT`), for the runner thread
 to finish its cleanup (artifacts, callbacks), and re-raises ``CancelledError``.
-A job still queued in the executor is not started at all.
+Further cancellation does not shorten that wait; past the bound a warning is
+logged and the thread finishes on its own. A job still queued in the executor
+is not started at all.
 
 Runner checks ``cancel_callback`` once per ``pexpect_timeout`` (5 s by default);
 jobs started here check every :data:`CANCEL_POLL` seconds unless
-``pexpect_timeout`` is set in ``settings`` or ``env/settings``.
+``pexpect_timeout`` is set in ``settings`` or ``env/settings``. Measured on 2
+cores (``benchmarks/aio_cancel_latency.py``), ``task.cancel()`` to
+``CancelledError`` during a task took 0.02-0.31 s (median 0.18 s); with
+``pexpect_timeout`` 5 it takes up to 5 s. The shorter poll costs about 0.5 ms of
+CPU per second per running job.
 """
 
 from __future__ import annotations
