@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -207,6 +208,45 @@ def test_container_engine_keeps_its_tty(tmp_path: Path) -> None:
     args = ["run", "--rm", "--tty", "--interactive", "image", "ansible-playbook"]
     out = drive(TerminalSpawn("docker", args, env=env, **RUNNER_KW))
     assert out == "run --rm --tty --interactive image ansible-playbook\r\n"
+
+
+@pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")  # 3.12+: fork() with threads
+def test_fork_in_another_thread_does_not_hold_the_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A thread forks a copy of the host (which does not exec) exactly while the host
+    # holds the slave open. Had the copy inherited the slave, end of output would
+    # wait for the copy (alive 3 s); the fork has to wait for the spawn instead.
+    copies: list[int] = []
+    forkers: list[threading.Thread] = []
+    real_ttyname = os.ttyname
+
+    def fork_copy() -> None:
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(3)
+            os._exit(0)
+        copies.append(pid)
+
+    def ttyname_while_forking(fd: int) -> str:
+        if not forkers:
+            forkers.append(threading.Thread(target=fork_copy))
+            forkers[0].start()
+            time.sleep(0.2)  # the fork happens here unless it waits for the spawn
+        return real_ttyname(fd)
+
+    monkeypatch.setattr(os, "ttyname", ttyname_while_forking)
+    t0 = time.monotonic()
+    try:
+        out = drive(TerminalSpawn("sh", ["-c", "echo done"], drain_grace=10, **RUNNER_KW))
+        elapsed = time.monotonic() - t0
+    finally:
+        monkeypatch.undo()
+        forkers[0].join()
+        for pid in copies:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    assert out == "done\r\n"
+    assert len(copies) == 1
+    assert elapsed < 2.5
 
 
 def test_no_python_at_fork_callback_in_spawn() -> None:

@@ -129,22 +129,28 @@ class TerminalSpawn(RunnerSpawn):
         self.name = self.name.replace("<RunnerSpawn", "<TerminalSpawn", 1)
 
     def _start_child(self, argv: list[str], env: dict[str, str], workdir: str | None) -> _process.Child:
-        """Open a pseudo-terminal, size it, and start the child on its slave."""
-        master, slave = os.openpty()
-        handed_over = False
-        try:
-            _set_winsize(slave, *self._dimensions)
-            _set_echo(slave, self.echo)
-            slave_path = os.ttyname(slave)
-            command = _trampoline(argv, workdir, self.ignore_sighup)
-            handed_over = True  # from here on the Child owns the master, also when it fails
-            # The host keeps its slave fd until the child has opened the slave, then
-            # closes it: the master reports hangup once the job's processes close theirs.
-            return _process.Child(command, env, None, tty=(master, slave_path))
-        finally:
-            os.close(slave)
-            if not handed_over:
-                os.close(master)
+        """Open a pseudo-terminal, size it, and start the child on its slave.
+
+        The host keeps its slave fd until the child has opened the slave, then closes
+        it: the master reports hangup once the job's processes close theirs. Python
+        forks in other threads wait meanwhile (as for pipes, see ``_process``): a
+        copy of the host holding the slave would keep the terminal from hanging up.
+        """
+        _process._hold_forks_during_spawns()
+        with _process._spawn_lock:
+            master, slave = os.openpty()
+            handed_over = False
+            try:
+                _set_winsize(slave, *self._dimensions)
+                _set_echo(slave, self.echo)
+                slave_path = os.ttyname(slave)
+                command = _trampoline(argv, workdir, self.ignore_sighup)
+                handed_over = True  # from here on the Child owns the master, also when it fails
+                return _process.Child(command, env, None, tty=(master, slave_path))
+            finally:
+                os.close(slave)
+                if not handed_over:
+                    os.close(master)
 
     def _read_output(self) -> bytes:
         """One read of the master; EIO means every slave fd is closed: end of output."""
