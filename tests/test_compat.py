@@ -31,12 +31,14 @@ PLAYBOOK = """
       command: echo hello-from-task
 """
 
+# Each host's task leaves a mark once it runs: a cancel after both marks finds every
+# process of the job started (none is being forked at that moment).
 SLEEP_PLAYBOOK = """
 - hosts: all
   gather_facts: false
   tasks:
     - name: sleep
-      command: sleep 30
+      shell: "touch MARKS/{{ inventory_hostname }} && exec sleep 30"
 """
 
 FORKPTY_WARNING = "use of forkpty() may lead to deadlocks in the child"
@@ -69,10 +71,11 @@ def test_playbook(job_dir: JobDir) -> None:
     assert "TASK [say hello]" in (artifacts / "stdout").read_text()
 
 
-def run_sleep_job(job_dir: JobDir, **kwargs: Any) -> tuple[ansible_runner.Runner, float]:
+def run_sleep_job(job_dir: JobDir, marks: Path, **kwargs: Any) -> tuple[ansible_runner.Runner, float]:
+    marks.mkdir()
     started = time.monotonic()
     r = ansible_runner.run(
-        private_data_dir=str(job_dir(SLEEP_PLAYBOOK, hosts=2)),
+        private_data_dir=str(job_dir(SLEEP_PLAYBOOK.replace("MARKS", str(marks)), hosts=2)),
         playbook="site.yml",
         quiet=True,
         settings={"pexpect_timeout": 0.2},
@@ -81,25 +84,28 @@ def run_sleep_job(job_dir: JobDir, **kwargs: Any) -> tuple[ansible_runner.Runner
     return r, time.monotonic() - started
 
 
-def test_cancel(job_dir: JobDir, terminations: list[dict[str, Any]]) -> None:
-    sleeping: list[str] = []
-
-    def on_event(event: dict[str, Any]) -> bool:
-        if event.get("event") == "runner_on_start":
-            sleeping.append(event["event_data"]["host"])
-        return True
-
-    r, elapsed = run_sleep_job(job_dir, event_handler=on_event, cancel_callback=lambda: bool(sleeping))
+def test_cancel(job_dir: JobDir, tmp_path: Path, terminations: list[dict[str, Any]]) -> None:
+    marks = tmp_path / "marks"
+    r, elapsed = run_sleep_job(job_dir, marks, cancel_callback=lambda: len(list(marks.iterdir())) == 2)
     assert (r.status, r.rc) == ("canceled", 254)
-    assert len(sleeping) >= 1
     assert elapsed < 25  # the tasks sleep 30 s
     assert len(terminations) == 1
     assert terminations[0]["is_cancel"] is True
     # the autouse fixture checks that no process of the job is left
 
 
-def test_job_timeout(job_dir: JobDir, terminations: list[dict[str, Any]]) -> None:
-    r, elapsed = run_sleep_job(job_dir, timeout=3)
+def test_job_timeout(job_dir: JobDir, tmp_path: Path, terminations: list[dict[str, Any]]) -> None:
+    marks = tmp_path / "marks"
+
+    def until_tasks_run(event: dict[str, Any]) -> bool:
+        # Runner checks the timeout between events: hold it until every task runs.
+        deadline = time.monotonic() + 30
+        while event.get("event") == "runner_on_start" and len(list(marks.iterdir())) < 2:
+            assert time.monotonic() < deadline, "tasks did not start"
+            time.sleep(0.05)
+        return True
+
+    r, elapsed = run_sleep_job(job_dir, marks, timeout=3, event_handler=until_tasks_run)
     assert (r.status, r.rc) == ("timeout", 254)
     assert elapsed < 25
     assert len(terminations) == 1
