@@ -1,7 +1,7 @@
 """A small HTTP service that runs playbooks through runner_spawn.aio (standard library only).
 
-Run it on an ansible-runner private_data_dir (``project/`` with playbooks,
-``inventory/``)::
+Run it, with runner-spawn and ansible-core installed (``pip install -e ".[examples]"``),
+on an ansible-runner private_data_dir (``project/`` with playbooks, ``inventory/``)::
 
     python examples/http_service.py --private-data-dir ./demo --port 8080
 
