@@ -32,7 +32,7 @@ SLEEP_PLAYBOOK = """
 
 
 def artifact(r: ansible_runner.Runner, name: str) -> str:
-    return (Path(r.config.artifact_dir) / name).read_text()
+    return (Path(r.config.artifact_dir) / name).read_bytes().decode()
 
 
 class TreeWatcher:

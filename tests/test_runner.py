@@ -27,7 +27,7 @@ OK_PLAYBOOK = """
 
 
 def stdout_of(runner: ansible_runner.Runner) -> str:
-    return (Path(runner.config.artifact_dir) / "stdout").read_text()
+    return (Path(runner.config.artifact_dir) / "stdout").read_bytes().decode()
 
 
 def events(runner: ansible_runner.Runner) -> list[str]:
