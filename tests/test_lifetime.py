@@ -332,3 +332,32 @@ def test_proc_handle_guards_against_pid_reuse() -> None:
         handle.close()
         child.kill()
         child.wait()
+
+
+def test_termination_finds_escaped_descendants_by_job_marker() -> None:
+    # A descendant in a session of its own whose parent is gone (as an ansible-core
+    # worker forked just as ansible-playbook handles SIGTERM): no parent link and no
+    # session leads to it, only the job's environment.
+    before = procs.descendants()
+    child = RunnerSpawn("sh", ["-c", "(setsid sleep 60 &); echo ready; sleep 60"], encoding="utf-8")
+    child.expect("ready")
+    time.sleep(0.2)
+    escaped = {
+        p: s
+        for p, s in procs.descendants().items()
+        if p not in before and procs.stat(p)[0] == os.getpid()  # type: ignore[index]
+    }
+    escaped.pop(child.pid, None)
+    assert len(escaped) == 1, "the setsid'd sleep should have been re-parented to this (subreaper) process"
+    handle_runner_termination(child.pid, grace=0.5)
+    child.expect(pexpect.EOF, timeout=5)
+    child.close()
+    assert procs.wait_gone(escaped, 3.0) == {}
+    procs.reap_orphans(escaped)
+
+
+def test_job_environment_carries_its_marker() -> None:
+    child = RunnerSpawn("sh", ["-c", 'echo "$RUNNER_SPAWN_JOB"'], encoding="utf-8")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.before.strip() == child._child.marker

@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
 import logging
 import os
+import secrets
 import select
 import signal
 import threading
@@ -124,6 +126,10 @@ def _decode_status(status: int) -> ExitStatus:
 # (os.register_at_fork, in the parent) while a spawn holds both ends. The section under
 # this lock only makes pipes and calls posix_spawn: no logging, no other lock.
 _spawn_lock = threading.RLock()
+
+#: Environment variable that marks every process of a job with the job's identity.
+JOB_MARKER_VAR = "RUNNER_SPAWN_JOB"
+_markers = itertools.count(1)
 _fork_hooks_registered = False
 
 
@@ -185,6 +191,10 @@ class Child:
     ) -> None:
         """Start ``argv``. With ``tty`` (a pseudo-terminal's master fd and slave path)
         the job gets the terminal instead of pipes (see :func:`_terminal_stdio`)."""
+        # Every process of the job inherits this variable (forks and execs alike), so
+        # end_tree() can find the ones that left the job's tree of parents.
+        self.marker = f"{os.getpid()}-{next(_markers)}-{secrets.token_hex(4)}"
+        env = {**env, JOB_MARKER_VAR: self.marker}
         exe, spawn_argv = argv[0], list(argv)
         if cwd is not None:
             exe, spawn_argv = _SHELL, [_SHELL, "-c", _CD_AND_EXEC, cwd, *argv]
@@ -230,6 +240,7 @@ class Child:
         self.exit: ExitStatus | None = None
         self._waiter: threading.Thread | None = None
         self.exit_fd = self._open_exit_fd()
+
         with _children_lock:
             _children[self.pid] = self
 
@@ -393,6 +404,25 @@ def job_tree(roots: Iterable[ProcInfo]) -> list[ProcInfo]:
     return list(found.values())
 
 
+def marked_processes(marker: str) -> list[ProcInfo]:
+    """Processes whose environment holds ``JOB_MARKER_VAR=marker`` (see :class:`Child`)."""
+    needle = f"{JOB_MARKER_VAR}={marker}".encode()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                if needle not in f.read().split(b"\0"):
+                    continue
+        except OSError:
+            continue
+        info = read_proc(int(name))
+        if info is not None:
+            found.append(info)
+    return found
+
+
 class ProcHandle:
     """A process found in a job's tree, signalled without the risk of pid reuse.
 
@@ -456,40 +486,75 @@ def _wait_all_gone(handles: Sequence[ProcHandle], deadline: float) -> None:
             time.sleep(min(left, 0.02))
 
 
-def end_tree(root_pid: int, grace: float) -> int:
+def _freeze(root: ProcInfo, own_group: bool) -> dict[int, ProcHandle]:
+    """SIGSTOP the job's tree and return it, complete.
+
+    Stopped processes cannot fork, so the listing cannot miss a process started while
+    it is taken (ansible-playbook forks workers that setsid() at once; one forked just
+    then would escape a plain listing and outlive its parent). Stopping the group first
+    is atomic: the kernel restarts a fork that races with a group signal.
+    """
+    if own_group:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(root.pgid, signal.SIGSTOP)
+    handles: dict[int, ProcHandle] = {}
+    for _ in range(50):  # each round stops one more generation; trees are shallow
+        new = [p for p in job_tree([root, *(h.info for h in handles.values())]) if p.pid not in handles]
+        if not new:
+            break
+        for p in new:
+            handles[p.pid] = h = ProcHandle(p)
+            h.signal(signal.SIGSTOP)
+    return handles
+
+
+def end_tree(root_pid: int, grace: float, marker: str | None = None) -> int:
     """End ``root_pid`` and its whole tree: SIGTERM, up to ``grace`` seconds, SIGKILL.
 
-    SIGTERM goes to the root's process group (ansible-playbook forwards it to its
-    workers), or to the root alone when that group is the host's. Whatever of the
-    tree is left after the grace period, including processes that moved to sessions
-    of their own or were started meanwhile, gets SIGKILL. The host and its
-    ancestors are never signalled. Returns how many processes got SIGKILL.
+    The tree is stopped while it is listed (:func:`_freeze`), then SIGTERM goes to the
+    root's process group (ansible-playbook forwards it to its workers) and to every
+    process of the tree, and everything is continued. Whatever is left after the grace
+    period, including processes that moved to sessions of their own, lost their parent
+    or were started meanwhile, gets SIGKILL; so does any process whose environment
+    carries the job's ``marker`` (:class:`Child`): ansible-playbook can fork a worker
+    just as it handles SIGTERM, and that worker, in a session of its own, with stdio on
+    /dev/null and no parent left, is found only that way. The host, its process group
+    and its ancestors are never signalled. Returns how many processes got SIGKILL.
     """
     root = read_proc(root_pid)
     if root is None or root.pid in _host_lineage():
         if root is not None:
             log.error("refusing to terminate pid %d: it is this process or one of its ancestors", root_pid)
         return 0
-    host_pgid = os.getpgrp()
-    handles = [ProcHandle(p) for p in job_tree([root])]
+    own_group = root.pgid != os.getpgrp() and root.pgid == root.pid
+    handles: dict[int, ProcHandle] = {}
     try:
-        log.debug("terminating job pid %d: %d processes in its tree", root_pid, len(handles))
-        if root.pgid != host_pgid and root.pgid == root.pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(root.pgid, signal.SIGTERM)
-                os.killpg(root.pgid, signal.SIGCONT)
-        else:
-            for h in handles:
+        try:
+            handles = _freeze(root, own_group)
+            log.debug("terminating job pid %d: %d processes in its tree", root_pid, len(handles))
+            if own_group:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(root.pgid, signal.SIGTERM)
+            for h in handles.values():
                 h.signal(signal.SIGTERM)
+        finally:
+            # Never leave anything stopped, whatever happened above.
+            if own_group:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(root.pgid, signal.SIGCONT)
+            for h in handles.values():
                 h.signal(signal.SIGCONT)
-        _wait_all_gone(handles, time.monotonic() + grace)
+        _wait_all_gone(list(handles.values()), time.monotonic() + grace)
 
         # Whatever is left, and anything the tree started meanwhile.
-        known = {h.info.pid for h in handles}
-        for p in job_tree([h.info for h in handles if h.alive()]):
-            if p.pid not in known and p.start >= root.start:
-                handles.append(ProcHandle(p))
-        survivors = [h for h in handles if h.alive()]
+        late = job_tree([h.info for h in handles.values() if h.alive()])
+        if marker is not None:
+            host = _host_lineage()
+            late += [p for p in marked_processes(marker) if p.pid not in host]
+        for p in late:
+            if p.pid not in handles and p.start >= root.start:
+                handles[p.pid] = ProcHandle(p)
+        survivors = [h for h in handles.values() if h.alive()]
         for h in survivors:
             h.signal(signal.SIGKILL)
         if survivors:
@@ -497,7 +562,7 @@ def end_tree(root_pid: int, grace: float) -> int:
             _wait_all_gone(survivors, time.monotonic() + 1.0)
         return len(survivors)
     finally:
-        for h in handles:
+        for h in handles.values():
             h.close()
 
 

@@ -36,7 +36,8 @@ def handle_runner_termination(
     elif child is not None and child.reaped:
         pass  # it has ended and been reaped; the pid may already belong to someone else
     else:
-        _process.end_tree(pid, GRACE_SECONDS if grace is None else grace)
+        marker = None if child is None else child.marker
+        _process.end_tree(pid, GRACE_SECONDS if grace is None else grace, marker)
     if pidfile is not None:
         with contextlib.suppress(OSError):
             os.remove(pidfile)
