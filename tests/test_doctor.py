@@ -152,3 +152,14 @@ def test_ansible_runner_command_dispatches_to_cli(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(runner_spawn, "cli", fake, raising=False)
     assert entry.main(["ansible-runner", "run", "/tmp/pdd", "-p", "site.yml"]) == 3
     assert calls == [["run", "/tmp/pdd", "-p", "site.yml"]]
+
+
+def test_doctor_keeps_terminal_mode_installed() -> None:
+    runner_spawn.install(terminal=True)
+    try:
+        out = io.StringIO()
+        assert doctor.run(out) == 0, out.getvalue()
+        assert "self-test spawn: ok" in out.getvalue()
+        assert runner_spawn.is_installed()
+    finally:
+        runner_spawn.uninstall()

@@ -159,7 +159,8 @@ def run(out: TextIO, lookup: Callable[[str], str | None] = installed_version) ->
 def _install_and_self_test(out: TextIO, was_installed: bool) -> str | None:
     """install(), self-test, and put back the previous state; the failed step or None."""
     try:
-        patch.install()
+        if not was_installed:  # keep an installed patch (in whichever mode) as it is
+            patch.install()
     except patch.UnsupportedRunnerError as e:
         out.write(f"install(): refused: {e}\n")
         return "install()"
