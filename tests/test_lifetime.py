@@ -23,6 +23,9 @@ from runner_spawn import RunnerSpawn, _process, handle_runner_termination
 from tests import procs
 from tests.conftest import JobDir
 
+# Also run by every session of the version matrix (noxfile.py).
+pytestmark = pytest.mark.matrix
+
 SLEEP_PLAYBOOK = """
 - hosts: all
   gather_facts: false

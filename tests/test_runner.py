@@ -74,6 +74,9 @@ import os
 
 from ansible.plugins.become import BecomeBase
 
+# Also run by every session of the version matrix (noxfile.py).
+pytestmark = pytest.mark.matrix
+
 DOCUMENTATION = """
 name: recordpass
 short_description: records the become password (test only)

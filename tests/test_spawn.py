@@ -15,6 +15,9 @@ import pytest
 from runner_spawn import RunnerSpawn
 from tests import procs
 
+# Also run by every session of the version matrix (noxfile.py).
+pytestmark = pytest.mark.matrix
+
 RUNNER_KW = dict(ignore_sighup=True, encoding="utf-8", codec_errors="replace", echo=False, use_poll=True)
 
 

@@ -20,6 +20,9 @@ from runner_spawn import TerminalSpawn, handle_runner_termination
 from tests import procs
 from tests.conftest import JobDir
 
+# Also run by every session of the version matrix (noxfile.py).
+pytestmark = pytest.mark.matrix
+
 # What Runner.run() passes to pexpect.spawn.
 RUNNER_KW: dict[str, Any] = dict(
     ignore_sighup=True, encoding="utf-8", codec_errors="replace", echo=False, use_poll=True
