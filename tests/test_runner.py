@@ -14,6 +14,9 @@ import pytest
 
 from tests.conftest import JobDir
 
+# Also run by every session of the version matrix (noxfile.py).
+pytestmark = pytest.mark.matrix
+
 OK_PLAYBOOK = """
 - hosts: all
   gather_facts: false
@@ -73,9 +76,6 @@ RECORDING_BECOME = '''
 import os
 
 from ansible.plugins.become import BecomeBase
-
-# Also run by every session of the version matrix (noxfile.py).
-pytestmark = pytest.mark.matrix
 
 DOCUMENTATION = """
 name: recordpass
