@@ -464,3 +464,8 @@ def cmdline(pid: int) -> bytes:
             return f.read()
     except OSError:
         return b""
+
+
+def test_terminal_spawn_refuses_preexec_fn() -> None:
+    with pytest.raises(ValueError, match=r"preexec_fn.*between fork and exec"):
+        runner_spawn.TerminalSpawn("true", [], preexec_fn=lambda: None)

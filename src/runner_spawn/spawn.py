@@ -96,13 +96,7 @@ class RunnerSpawn(_PopenSpawnBase):
         bounds the unmatched output kept for ``before`` (None: unbounded, as
         pexpect); it never changes what ``logfile_read`` receives.
         """
-        if preexec_fn is not None:
-            raise ValueError(
-                "RunnerSpawn does not accept preexec_fn: it would run Python code in the child "
-                "between fork and exec, which is the deadlock RunnerSpawn exists to avoid. "
-                "Use cwd= and env= for the child's directory and environment, or wrap the "
-                "command (for example ['nice', '-n', '5', ...] or ['sh', '-c', ...])."
-            )
+        refuse_preexec_fn(preexec_fn)
         SpawnBase.__init__(
             self,
             timeout=timeout,
@@ -460,6 +454,17 @@ class _Expecter(_ExpecterBase):
         except BaseException:
             self.errored()
             raise
+
+
+def refuse_preexec_fn(preexec_fn: Any) -> None:
+    """Raise ValueError for a ``preexec_fn``: it is Python run between fork and exec."""
+    if preexec_fn is not None:
+        raise ValueError(
+            "RunnerSpawn does not accept preexec_fn: it would run Python code in the child "
+            "between fork and exec, which is the deadlock RunnerSpawn exists to avoid. "
+            "Use cwd= and env= for the child's directory and environment, or wrap the "
+            "command (for example ['nice', '-n', '5', ...] or ['sh', '-c', ...])."
+        )
 
 
 def _command_line(command: str, args: Sequence[str] | None) -> list[str]:

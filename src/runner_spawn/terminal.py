@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import _process
-from .spawn import RunnerSpawn
+from .spawn import RunnerSpawn, refuse_preexec_fn
 
 #: Window size (rows, columns) when none is given: ptyprocess's default.
 DEFAULT_DIMENSIONS = (24, 80)
@@ -106,6 +106,7 @@ class TerminalSpawn(RunnerSpawn):
         ``kwargs`` are RunnerSpawn's keyword-only options (``drain_grace``,
         ``max_unmatched``).
         """
+        refuse_preexec_fn(preexec_fn)
         self._dimensions = DEFAULT_DIMENSIONS if dimensions is None else (int(dimensions[0]), int(dimensions[1]))
         super().__init__(
             command,
@@ -118,7 +119,7 @@ class TerminalSpawn(RunnerSpawn):
             env=env,
             ignore_sighup=ignore_sighup,
             echo=echo,
-            preexec_fn=preexec_fn,
+            preexec_fn=None,
             encoding=encoding,
             codec_errors=codec_errors,
             dimensions=dimensions,
