@@ -9,7 +9,6 @@ it is the leader of its own process group and has no controlling terminal.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import itertools
 import logging
@@ -564,8 +563,3 @@ def end_tree(root_pid: int, grace: float, marker: str | None = None) -> int:
     finally:
         for h in handles.values():
             h.close()
-
-
-def errno_name(err: OSError) -> str:
-    """'ENOENT' for an OSError carrying ENOENT; for messages."""
-    return errno.errorcode.get(err.errno or 0, str(err.errno))
