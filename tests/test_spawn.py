@@ -14,26 +14,11 @@ import pytest
 
 from runner_spawn import RunnerSpawn
 from tests import procs
+from tests.runner_loop import RUNNER_KW
+from tests.runner_loop import drive as run_like_runner
 
 # Also run by every session of the version matrix (noxfile.py).
 pytestmark = pytest.mark.matrix
-
-RUNNER_KW = dict(ignore_sighup=True, encoding="utf-8", codec_errors="replace", echo=False, use_poll=True)
-
-
-def run_like_runner(child: RunnerSpawn, passwords: dict[str, str] | None = None) -> str:
-    """Drive ``child`` as Runner.run() does and return what logfile_read received."""
-    sink = io.StringIO()
-    child.logfile_read = sink
-    patterns: list[object] = [*(passwords or {}), pexpect.TIMEOUT, pexpect.EOF]
-    values = [*(passwords or {}).values(), None, None]
-    while child.isalive():
-        idx = child.expect(patterns, timeout=5, searchwindowsize=100)
-        if values[idx] is not None:
-            child.sendline(values[idx])
-    child.expect(pexpect.EOF, timeout=5)
-    child.close()
-    return sink.getvalue()
 
 
 def sh(script: str, **kw: object) -> RunnerSpawn:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import threading
@@ -19,29 +18,10 @@ import runner_spawn
 from runner_spawn import TerminalSpawn, handle_runner_termination
 from tests import procs
 from tests.conftest import JobDir
+from tests.runner_loop import RUNNER_KW, drive
 
 # Also run by every session of the version matrix (noxfile.py).
 pytestmark = pytest.mark.matrix
-
-# What Runner.run() passes to pexpect.spawn.
-RUNNER_KW: dict[str, Any] = dict(
-    ignore_sighup=True, encoding="utf-8", codec_errors="replace", echo=False, use_poll=True
-)
-
-
-def drive(child: Any, passwords: dict[str, str] | None = None) -> str:
-    """Drive ``child`` as Runner.run() does; return what logfile_read received."""
-    sink: Any = io.BytesIO() if child.encoding is None else io.StringIO()
-    child.logfile_read = sink
-    patterns: list[object] = [*(passwords or {}), pexpect.TIMEOUT, pexpect.EOF]
-    values = [*(passwords or {}).values(), None, None]
-    while child.isalive():
-        idx = child.expect(patterns, timeout=5, searchwindowsize=100)
-        if values[idx] is not None:
-            child.sendline(values[idx])
-    child.expect(pexpect.EOF, timeout=5)
-    child.close()
-    return sink.getvalue()  # type: ignore[no-any-return]
 
 
 def sh(script: str, **kw: Any) -> TerminalSpawn:
