@@ -19,7 +19,7 @@ import pexpect
 import pytest
 from ansible_runner.interface import init_command_config
 
-from runner_spawn import RunnerSpawn, _process, handle_runner_termination
+from runner_spawn import RunnerSpawn, _child, _tree, handle_runner_termination
 from tests import procs
 from tests.conftest import JobDir
 
@@ -208,7 +208,7 @@ def test_two_hundred_runs_leave_nothing_behind(tmp_path: Path) -> None:
     assert procs.open_fds() == fds
     assert threading.active_count() == threads
     assert procs.descendants() == kids
-    assert _process._children == {} or len(_process._children) == 0
+    assert _child._children == {} or len(_child._children) == 0
 
 
 def _sleeper() -> None:
@@ -323,10 +323,10 @@ def test_logs_never_contain_passwords_or_env_values(caplog: pytest.LogCaptureFix
 
 def test_proc_handle_guards_against_pid_reuse() -> None:
     child = subprocess.Popen(["sleep", "30"], start_new_session=True)
-    info = _process.read_proc(child.pid)
+    info = _tree.read_proc(child.pid)
     assert info is not None
-    stale = _process.ProcInfo(info.pid, info.ppid, info.pgid, info.sid, info.start - 1, False)
-    handle = _process.ProcHandle(stale)  # same pid, other start time: another process
+    stale = _tree.ProcInfo(info.pid, info.ppid, info.pgid, info.sid, info.start - 1, False)
+    handle = _tree.ProcHandle(stale)  # same pid, other start time: another process
     try:
         assert not handle.alive()
         handle.signal(signal.SIGKILL)

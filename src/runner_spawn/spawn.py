@@ -32,7 +32,7 @@ from pexpect.popen_spawn import PopenSpawn
 from pexpect.spawnbase import SpawnBase
 from pexpect.utils import split_command_line, which
 
-from . import _container, _process
+from . import _child, _container, _fds
 
 log = logging.getLogger("runner_spawn")
 
@@ -55,7 +55,7 @@ TERMINATE_GRACE = 2.0
 class RunnerSpawn(_PopenSpawnBase):
     """A ``PopenSpawn`` that takes ``pexpect.spawn``'s arguments and behaves like it.
 
-    The child is started by :mod:`runner_spawn._process`: ``posix_spawn`` into a
+    The child is started by :mod:`runner_spawn._child`: ``posix_spawn`` into a
     new session, pipes for stdin and stdout+stderr, no Python between fork and
     exec. The supervising thread sleeps in ``poll()`` while the child is quiet;
     there is no reader thread.
@@ -149,9 +149,9 @@ class RunnerSpawn(_PopenSpawnBase):
         self._exit_seen_at: float | None = None
         self._owed = 0  # bytes an exited child may still have in the pipe
 
-    def _start_child(self, argv: list[str], env: dict[str, str], workdir: str | None) -> _process.Child:
+    def _start_child(self, argv: list[str], env: dict[str, str], workdir: str | None) -> _child.Child:
         """Start the child process (on pipes); subclasses give it other stdio."""
-        return _process.Child(argv, env, workdir)
+        return _child.Child(argv, env, workdir)
 
     # --- reading ---------------------------------------------------------------------
 
@@ -200,12 +200,12 @@ class RunnerSpawn(_PopenSpawnBase):
             return True
         if self._end_of_output or self._exit_seen_at is None:
             return False
-        return self._owed > 0 and bool(_process.wait_readable([self._child.stdout_fd], 0))
+        return self._owed > 0 and bool(_fds.wait_readable([self._child.stdout_fd], 0))
 
     def _note_exit(self) -> None:
         if self._exit_seen_at is None:
             self._exit_seen_at = time.monotonic()
-            self._owed = _process.pipe_capacity(self._child.stdout_fd)
+            self._owed = _fds.pipe_capacity(self._child.stdout_fd)
 
     def _read_pipe(self, timeout: float | None) -> bytes | None:
         """Bytes from the pipe; b"" at the end of output; None if ``timeout`` passed."""
@@ -215,7 +215,7 @@ class RunnerSpawn(_PopenSpawnBase):
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if self._exit_seen_at is None:
                 fds = [child.exit_fd] if self._pipe_eof else [child.stdout_fd, child.exit_fd]
-                ready = _process.wait_readable(fds, left)
+                ready = _fds.wait_readable(fds, left)
                 if child.stdout_fd in ready:
                     data = self._read_output()
                     if data:
@@ -238,7 +238,7 @@ class RunnerSpawn(_PopenSpawnBase):
                     log.debug("pid %d exited; another process still holds its output pipe open", self.pid)
                     return b""
                 wait = grace_left if left is None else min(grace_left, left)
-            if _process.wait_readable([child.stdout_fd], wait):
+            if _fds.wait_readable([child.stdout_fd], wait):
                 data = self._read_output()
                 if not data:
                     self._pipe_eof = True
@@ -311,7 +311,7 @@ class RunnerSpawn(_PopenSpawnBase):
 
     # --- status ----------------------------------------------------------------------
 
-    def _record_exit(self, status: _process.ExitStatus) -> None:
+    def _record_exit(self, status: _child.ExitStatus) -> None:
         self.status = status.status
         self.exitstatus = status.exitstatus
         self.signalstatus = status.signalstatus
@@ -338,7 +338,7 @@ class RunnerSpawn(_PopenSpawnBase):
         Like ptyprocess, it reads nothing: a child blocked on a full pipe never exits.
         """
         if not self.terminated:
-            self._record_exit(self._child.reap(block=True) or _process.ExitStatus(None, None, None))
+            self._record_exit(self._child.reap(block=True) or _child.ExitStatus(None, None, None))
         return self.exitstatus
 
     # --- input and signals ---------------------------------------------------------------

@@ -33,7 +33,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from . import _process
+from . import _child
 from .spawn import RunnerSpawn, refuse_preexec_fn
 
 #: Window size (rows, columns) when none is given: ptyprocess's default.
@@ -50,7 +50,7 @@ def _trampoline(argv: list[str], workdir: str | None, ignore_sighup: bool) -> li
     if not steps:
         return argv
     # "$0" is the directory when there is one, else just the shell's name for messages.
-    return [_process._SHELL, "-c", "; ".join([*steps, _EXEC]), workdir or argv[0], *argv]
+    return [_child.SHELL, "-c", "; ".join([*steps, _EXEC]), workdir or argv[0], *argv]
 
 
 def _set_winsize(fd: int, rows: int, cols: int) -> None:
@@ -129,16 +129,16 @@ class TerminalSpawn(RunnerSpawn):
         self.crlf = "\r\n" if self.encoding is not None else b"\r\n"  # as pexpect.spawn
         self.name = self.name.replace("<RunnerSpawn", "<TerminalSpawn", 1)
 
-    def _start_child(self, argv: list[str], env: dict[str, str], workdir: str | None) -> _process.Child:
+    def _start_child(self, argv: list[str], env: dict[str, str], workdir: str | None) -> _child.Child:
         """Open a pseudo-terminal, size it, and start the child on its slave.
 
         The host keeps its slave fd until the child has opened the slave, then closes
         it: the master reports hangup once the job's processes close theirs. Python
-        forks in other threads wait meanwhile (as for pipes, see ``_process``): a
+        forks in other threads wait meanwhile (as for pipes, see ``_child``): a
         copy of the host holding the slave would keep the terminal from hanging up.
         """
-        _process._hold_forks_during_spawns()
-        with _process._spawn_lock:
+        _child.hold_forks_during_spawns()
+        with _child.spawn_lock:
             master, slave = os.openpty()
             handed_over = False
             try:
@@ -147,7 +147,7 @@ class TerminalSpawn(RunnerSpawn):
                 slave_path = os.ttyname(slave)
                 command = _trampoline(argv, workdir, self.ignore_sighup)
                 handed_over = True  # from here on the Child owns the master, also when it fails
-                return _process.Child(command, env, None, tty=(master, slave_path))
+                return _child.Child(command, env, None, tty=(master, slave_path))
             finally:
                 os.close(slave)
                 if not handed_over:

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import os
 
-from . import _process
+from . import _child, _tree
 
 log = logging.getLogger("runner_spawn")
 
@@ -28,7 +28,7 @@ def handle_runner_termination(
     ``is_cancel`` is accepted for ansible-runner 2.3's call and not used.
     """
     del is_cancel
-    child = _process.find_child(pid)
+    child = _child.find_child(pid)
     if pid <= 0:
         log.error("refusing to terminate pid %d: not a single process", pid)
     elif child is None and pid == os.getpid():
@@ -37,7 +37,7 @@ def handle_runner_termination(
         pass  # it has ended and been reaped; the pid may already belong to someone else
     else:
         marker = None if child is None else child.marker
-        _process.end_tree(pid, GRACE_SECONDS if grace is None else grace, marker)
+        _tree.end_tree(pid, GRACE_SECONDS if grace is None else grace, marker)
     if pidfile is not None:
         with contextlib.suppress(OSError):
             os.remove(pidfile)

@@ -1,0 +1,263 @@
+"""Starting a job's process: posix_spawn in a session of its own, and watching it exit.
+
+Nothing here runs Python code in a child. A job is started with ``os.posix_spawn``
+(glibc: ``clone(CLONE_VM | CLONE_VFORK)`` and ``exec``, no error pipe that a
+concurrently forked copy of the host could hold open) in a session of its own, so
+it is the leader of its own process group and has no controlling terminal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import itertools
+import logging
+import os
+import secrets
+import signal
+import threading
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ._fds import close_fd, pipe, wait_readable
+
+log = logging.getLogger("runner_spawn")
+
+# posix_spawn has no "chdir" file action in Python, so a job with a cwd is started
+# through /bin/sh: it changes directory and execs the real command in the same
+# process (same pid). The shell is not Python, so no Python runs before the exec.
+SHELL = "/bin/sh"
+_CD_AND_EXEC = 'cd -P -- "$0" || exit 127; exec "$@"'
+
+# Signals reset to their default action in the child. Python ignores SIGPIPE and
+# SIGXFSZ, and a host may ignore others; ignored signals would survive exec.
+_DEFAULT_SIGNALS = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
+
+
+def _inheritable_fds() -> list[int]:
+    """The host's fds above 2 without close-on-exec: they would leak into the job."""
+    found = []
+    for name in os.listdir("/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"):
+        fd = int(name)
+        if fd > 2:
+            with contextlib.suppress(OSError):  # the directory's own fd, now closed
+                if os.get_inheritable(fd):
+                    found.append(fd)
+    return found
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """How a process ended, as ptyprocess reports it."""
+
+    status: int | None  # raw wait status, None if someone else reaped the process
+    exitstatus: int | None  # exit code, None when a signal ended it
+    signalstatus: int | None  # signal number, None when it exited
+
+
+def _decode_status(status: int) -> ExitStatus:
+    if os.WIFSIGNALED(status):
+        return ExitStatus(status, None, os.WTERMSIG(status))
+    return ExitStatus(status, os.WEXITSTATUS(status), None)
+
+
+# A copy of the host forked (without exec) while a job's pipes are open at both ends
+# would hold the write end of the job's output: end of output would then wait for that
+# copy, and the job's stdin would never see EOF. Forks in other threads therefore wait
+# (os.register_at_fork, in the parent) while a spawn holds both ends. The section under
+# this lock only makes pipes and calls posix_spawn: no logging, no other lock.
+spawn_lock = threading.RLock()
+
+#: Environment variable that marks every process of a job with the job's identity.
+JOB_MARKER_VAR = "RUNNER_SPAWN_JOB"
+_markers = itertools.count(1)
+_fork_hooks_registered = False
+
+
+def hold_forks_during_spawns() -> None:
+    global _fork_hooks_registered
+    with _children_lock:
+        if not _fork_hooks_registered:
+            os.register_at_fork(
+                before=spawn_lock.acquire,
+                after_in_parent=spawn_lock.release,
+                after_in_child=spawn_lock.release,
+            )
+            _fork_hooks_registered = True
+
+
+_children: weakref.WeakValueDictionary[int, Child] = weakref.WeakValueDictionary()
+_children_lock = threading.Lock()
+
+
+def find_child(pid: int) -> Child | None:
+    """The unreaped :class:`Child` this process started with ``pid``, if any."""
+    with _children_lock:
+        return _children.get(pid)
+
+
+def _terminal_stdio(master: int, slave_path: str) -> tuple[int, int, list[tuple[Any, ...]]]:
+    """(stdout_fd, stdin_fd, file actions) for a job on a pseudo-terminal; takes ``master``.
+
+    The job opens the slave by path as fd 0 (1 and 2 are copies). posix_spawn runs
+    file actions after setsid() (glibc's and musl's order), and a session leader
+    without a controlling terminal that opens a terminal without O_NOCTTY acquires
+    it: the terminal becomes the job's controlling terminal, its process group the
+    foreground one. stdout_fd is ``master``, stdin_fd a copy of it, so that closing
+    stdin leaves output readable.
+    """
+    try:
+        stdin_fd = fcntl.fcntl(master, fcntl.F_DUPFD_CLOEXEC, 3)
+    except BaseException:
+        close_fd(master)
+        raise
+    actions: list[tuple[Any, ...]] = [
+        (os.POSIX_SPAWN_OPEN, 0, slave_path, os.O_RDWR, 0),
+        (os.POSIX_SPAWN_DUP2, 0, 1),
+        (os.POSIX_SPAWN_DUP2, 0, 2),
+    ]
+    return master, stdin_fd, actions
+
+
+class Child:
+    """A job process: stdin and stdout+stderr on pipes, a session of its own.
+
+    Until :meth:`reap` the pid cannot be reused, so signalling it is safe. Exit is
+    watched through a pidfd (Linux 5.3+), or else a thread blocked in
+    ``waitid(WNOWAIT)`` that writes to a pipe; either way it is one fd to poll.
+    """
+
+    def __init__(
+        self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None, *, tty: tuple[int, str] | None = None
+    ) -> None:
+        """Start ``argv``. With ``tty`` (a pseudo-terminal's master fd and slave path)
+        the job gets the terminal instead of pipes (see :func:`_terminal_stdio`)."""
+        # Every process of the job inherits this variable (forks and execs alike), so
+        # end_tree() can find the ones that left the job's tree of parents.
+        self.marker = f"{os.getpid()}-{next(_markers)}-{secrets.token_hex(4)}"
+        env = {**env, JOB_MARKER_VAR: self.marker}
+        exe, spawn_argv = argv[0], list(argv)
+        if cwd is not None:
+            exe, spawn_argv = SHELL, [SHELL, "-c", _CD_AND_EXEC, cwd, *argv]
+        hold_forks_during_spawns()
+        with spawn_lock:
+            stdin_r = stdout_w = -1
+            if tty is not None:
+                self.stdout_fd, self.stdin_fd, stdio = _terminal_stdio(*tty)
+            else:
+                stdin_r, self.stdin_fd = pipe()
+                try:
+                    self.stdout_fd, stdout_w = pipe()
+                except BaseException:
+                    close_fd(stdin_r)
+                    close_fd(self.stdin_fd)
+                    raise
+                stdio = [
+                    (os.POSIX_SPAWN_DUP2, stdin_r, 0),
+                    (os.POSIX_SPAWN_DUP2, stdout_w, 1),
+                    (os.POSIX_SPAWN_DUP2, stdout_w, 2),
+                ]
+            try:
+                self.pid = os.posix_spawn(
+                    exe,
+                    spawn_argv,
+                    env,
+                    file_actions=[
+                        *stdio,
+                        # As close_fds=True in subprocess and ptyprocess: the job gets 0-2 only.
+                        *((os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds()),
+                    ],
+                    setsid=True,
+                    setsigdef=_DEFAULT_SIGNALS,
+                    setsigmask=(),
+                )
+            except BaseException:
+                close_fd(self.stdin_fd)
+                close_fd(self.stdout_fd)
+                raise
+            finally:
+                close_fd(stdin_r)
+                close_fd(stdout_w)
+        self.exit: ExitStatus | None = None
+        self._waiter: threading.Thread | None = None
+        self.exit_fd = self._open_exit_fd()
+
+        with _children_lock:
+            _children[self.pid] = self
+
+    def _open_exit_fd(self) -> int:
+        try:
+            return os.pidfd_open(self.pid)
+        except (AttributeError, OSError):
+            pass
+        r, w = pipe()
+
+        def wait_for_exit() -> None:
+            try:
+                os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT)
+            except ChildProcessError:
+                pass
+            finally:
+                os.write(w, b"x")
+                os.close(w)
+
+        self._waiter = threading.Thread(target=wait_for_exit, name=f"runner-spawn-wait-{self.pid}", daemon=True)
+        self._waiter.start()
+        return r
+
+    @property
+    def reaped(self) -> bool:
+        return self.exit is not None
+
+    def has_exited(self, timeout: float | None = 0.0) -> bool:
+        """True once the process has ended (reaped or not); waits up to ``timeout``."""
+        if self.exit is not None:
+            return True
+        return bool(wait_readable([self.exit_fd], timeout))
+
+    def reap(self, block: bool) -> ExitStatus | None:
+        """Collect the exit status; None while the process runs (``block=False``)."""
+        if self.exit is not None:
+            return self.exit
+        if not block and not self.has_exited():
+            return None
+        try:
+            _, status = os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            log.warning("pid %d was reaped by someone else; its exit status is unknown", self.pid)
+            self.exit = ExitStatus(None, None, None)
+        else:
+            self.exit = _decode_status(status)
+        with _children_lock:
+            if _children.get(self.pid) is self:
+                del _children[self.pid]
+        return self.exit
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the process itself; no-op once reaped."""
+        if self.exit is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def signal_group(self, sig: int) -> None:
+        """Send ``sig`` to the process group it leads; no-op once reaped."""
+        if self.exit is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, sig)
+
+    def close_stdin(self) -> None:
+        close_fd(self.stdin_fd)
+        self.stdin_fd = -1
+
+    def close(self) -> None:
+        """Close every fd; the caller has reaped the process first."""
+        self.close_stdin()
+        close_fd(self.stdout_fd)
+        self.stdout_fd = -1
+        if self._waiter is not None:
+            self._waiter.join()
+            self._waiter = None
+        close_fd(self.exit_fd)
+        self.exit_fd = -1
