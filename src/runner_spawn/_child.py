@@ -181,6 +181,9 @@ class Child:
                 close_fd(stdin_r)
                 close_fd(stdout_w)
         self.exit: ExitStatus | None = None
+        #: Set when this process ends the job (cancel, timeouts, terminate()): its
+        #: output then ends by a bound rather than by draining (see ``_stream``).
+        self.ended_by_host = False
         self._waiter: threading.Thread | None = None
         self.exit_fd = self._open_exit_fd()
 

@@ -6,6 +6,8 @@ import contextlib
 import fcntl
 import os
 import select
+import struct
+import termios
 from collections.abc import Sequence
 
 _F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
@@ -64,3 +66,12 @@ def wait_readable(fds: Sequence[int], timeout: float | None) -> set[int]:
             return {fd for fd, _ in poller.poll(ms)}
         except InterruptedError:  # pragma: no cover - PEP 475 retries for us
             continue
+
+
+def unread_bytes(fd: int) -> int:
+    """Bytes waiting to be read from the pipe or terminal behind ``fd`` (0 if unknown)."""
+    try:
+        raw = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return int(struct.unpack("i", raw)[0])

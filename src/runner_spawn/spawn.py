@@ -10,14 +10,15 @@ Where it differs from ``pexpect.spawn`` (documented per method below):
 - ``PYTHONUNBUFFERED=1`` is added to the child's environment unless set.
 - ``preexec_fn`` is refused: running Python between fork and exec is the hazard
   this class exists to remove.
-- ``expect()`` never times out while output that an exited child already wrote is
-  still unread, and unmatched output kept for ``before`` is bounded.
+- Where the output ends follows :mod:`runner_spawn._stream`: everything a job that
+  exits by itself wrote is handed over (``expect()`` never times out on it), and a
+  job the host ended hands over at most a quarter second of whole lines more.
+  Unmatched output kept for ``before`` is bounded.
 - ``delayafterread`` is None: no sleep after each read.
 """
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import io
 import logging
@@ -32,7 +33,8 @@ from pexpect.popen_spawn import PopenSpawn
 from pexpect.spawnbase import SpawnBase
 from pexpect.utils import split_command_line, which
 
-from . import _child, _container, _fds
+from . import _child, _container
+from ._stream import OutputStream
 
 log = logging.getLogger("runner_spawn")
 
@@ -43,7 +45,8 @@ else:
     _PopenSpawnBase = PopenSpawn
     _ExpecterBase = Expecter
 
-#: Bytes asked of the pipe per read.
+#: Bytes asked of the pipe per read. What one read brings is handed to
+#: ``logfile_read`` in slices of at most ``maxread`` characters.
 READ_CHUNK = 1 << 16
 #: After the child exits, how long to keep reading output that other processes
 #: (a background job, a forked copy of the host) may still write to the pipe.
@@ -70,7 +73,7 @@ class RunnerSpawn(_PopenSpawnBase):
         command: str,
         args: Sequence[str] | None = None,
         timeout: float | None = 30,
-        maxread: int = READ_CHUNK,
+        maxread: int = 2000,
         searchwindowsize: int | None = None,
         logfile: Any = None,
         cwd: str | os.PathLike[str] | None = None,
@@ -88,8 +91,9 @@ class RunnerSpawn(_PopenSpawnBase):
     ) -> None:
         """Start ``command`` with ``args``, as ``pexpect.spawn`` does.
 
-        ``maxread`` defaults to 64 KiB (``pexpect.spawn``: 2000) since a pipe read
-        costs the same either way. ``echo``, ``dimensions``, ``use_poll`` and
+        ``maxread`` (2000, as ``pexpect.spawn``) bounds each slice of output handed
+        to ``logfile_read``, so a caller's timeout is checked between slices; the
+        pipe itself is read 64 KiB at a time. ``echo``, ``dimensions``, ``use_poll`` and
         ``ignore_sighup`` are accepted and have no effect: there is no terminal to
         echo, size or hang up. ``drain_grace`` bounds the wait for output from
         processes other than the child after the child exits. ``max_unmatched``
@@ -112,7 +116,6 @@ class RunnerSpawn(_PopenSpawnBase):
         self.use_poll = use_poll
         self.drain_grace = drain_grace
         self.max_unmatched = max_unmatched
-        self._decoder = None if encoding is None else codecs.getincrementaldecoder(encoding)(codec_errors)
         self.delayafterterminate = TERMINATE_GRACE
         # pexpect sleeps this long after every read (0.1 ms, a PTY habit); under load
         # each sleep costs milliseconds and capped 50 MB of output at ~130 MB/s.
@@ -143,11 +146,7 @@ class RunnerSpawn(_PopenSpawnBase):
         self.child_fd = self._child.stdout_fd
         self.closed = False
         self.terminated = False
-        self._pending = self.string_type()  # decoded, not yet handed to expect()
-        self._pipe_eof = False
-        self._end_of_output = False
-        self._exit_seen_at: float | None = None
-        self._owed = 0  # bytes an exited child may still have in the pipe
+        self._output = OutputStream(self._child, self._read_output, encoding, codec_errors, drain_grace)
 
     def _start_child(self, argv: list[str], env: dict[str, str], workdir: str | None) -> _child.Child:
         """Start the child process (on pipes); subclasses give it other stdio."""
@@ -162,30 +161,24 @@ class RunnerSpawn(_PopenSpawnBase):
     def read_nonblocking(self, size: int = 1, timeout: float | None = -1) -> Any:
         """Return up to ``size`` characters, waiting at most ``timeout`` for output.
 
-        Raises TIMEOUT when nothing arrives in time and EOF once the output has ended:
-        the child has exited, its output is drained, and the pipe is closed or other
-        holders of it had ``drain_grace`` seconds to finish.
+        Raises TIMEOUT when nothing arrives in time and EOF once the output has
+        ended, by the rules of :mod:`runner_spawn._stream`.
         """
         if timeout == -1:
             timeout = self.timeout
-        while not self._pending:
-            if self._end_of_output:
-                self.flag_eof = True
-                raise EOF("End Of File (EOF).")
-            data = self._read_pipe(timeout)
-            if data is None:
-                raise TIMEOUT("Timeout exceeded.")
-            if data:
-                self._pending = self._decode(data, False)
-            else:
-                self._end_of_output = True
-                self._pending = self._decode(b"", True)
-        text, self._pending = self._pending[:size], self._pending[size:]
+        text = self._output.take(size, timeout)
+        if text is None:
+            raise TIMEOUT("Timeout exceeded.")
+        if not text:
+            self.flag_eof = True
+            raise EOF("End Of File (EOF).")
         self._write_logs(text, self.logfile_read)
         return text
 
-    def _decode(self, data: bytes, final: bool) -> Any:
-        return data if self._decoder is None else self._decoder.decode(data, final)
+    @property
+    def output_dropped(self) -> int:
+        """Output not handed over because the host ended the job (see ``_stream``, rule 2)."""
+        return self._output.dropped
 
     def _write_logs(self, text: Any, second: Any) -> None:
         """Write to ``logfile`` and to ``second`` (``logfile_read`` or ``logfile_send``)."""
@@ -193,62 +186,6 @@ class RunnerSpawn(_PopenSpawnBase):
             if sink is not None:
                 sink.write(text)
                 sink.flush()
-
-    def _output_waiting(self) -> bool:
-        """True when read_nonblocking() can return without waiting for new output."""
-        if self._pending:
-            return True
-        if self._end_of_output or self._exit_seen_at is None:
-            return False
-        return self._owed > 0 and bool(_fds.wait_readable([self._child.stdout_fd], 0))
-
-    def _note_exit(self) -> None:
-        if self._exit_seen_at is None:
-            self._exit_seen_at = time.monotonic()
-            self._owed = _fds.pipe_capacity(self._child.stdout_fd)
-
-    def _read_pipe(self, timeout: float | None) -> bytes | None:
-        """Bytes from the pipe; b"" at the end of output; None if ``timeout`` passed."""
-        child = self._child
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if self._exit_seen_at is None:
-                fds = [child.exit_fd] if self._pipe_eof else [child.stdout_fd, child.exit_fd]
-                ready = _fds.wait_readable(fds, left)
-                if child.stdout_fd in ready:
-                    data = self._read_output()
-                    if data:
-                        return data
-                    self._pipe_eof = True  # the child may live on with its output closed
-                if child.exit_fd in ready:
-                    self._note_exit()
-                    continue
-                if not ready:
-                    return None
-                continue
-            if self._pipe_eof:
-                return b""
-            # The child has exited. What it wrote is at most one pipe's worth and is
-            # read without a deadline; other writers get until drain_grace runs out.
-            wait = 0.0
-            if self._owed <= 0:
-                grace_left = self._exit_seen_at + self.drain_grace - time.monotonic()
-                if grace_left <= 0:
-                    log.debug("pid %d exited; another process still holds its output pipe open", self.pid)
-                    return b""
-                wait = grace_left if left is None else min(grace_left, left)
-            if _fds.wait_readable([child.stdout_fd], wait):
-                data = self._read_output()
-                if not data:
-                    self._pipe_eof = True
-                    return b""
-                self._owed -= len(data)
-                return data
-            if self._owed > 0:
-                self._owed = 0  # the pipe is empty: everything the child wrote is read
-            elif deadline is not None and time.monotonic() >= deadline:
-                return None
 
     def expect_loop(self, searcher: Any, timeout: float | None = -1, searchwindowsize: int | None = -1) -> int:
         """pexpect's expect loop; output the child already wrote is never cut by timeout."""
@@ -316,7 +253,7 @@ class RunnerSpawn(_PopenSpawnBase):
         self.exitstatus = status.exitstatus
         self.signalstatus = status.signalstatus
         self.terminated = True
-        self._note_exit()
+        self._output.note_exit()
 
     def isalive(self) -> bool:
         """False once the child has exited; then ``exitstatus``/``signalstatus`` are set.
@@ -381,6 +318,7 @@ class RunnerSpawn(_PopenSpawnBase):
         """
         if not self.isalive():
             return True
+        self._child.ended_by_host = True
         self._child.signal_group(15)
         self._child.signal_group(18)
         if self._child.has_exited(self.delayafterterminate):
@@ -420,11 +358,14 @@ class RunnerSpawn(_PopenSpawnBase):
 
 
 class _Expecter(_ExpecterBase):
-    """Expecter whose timeout bounds waiting, not handing over output already written.
+    """Expecter whose timeout never cuts off output that an exited child left behind.
 
     pexpect's loop counts the time ``logfile_read`` takes against the timeout, so a
     slow event handler made ``Runner.run()``'s final ``expect(EOF, timeout=5)``
-    raise TIMEOUT with output still unread (ansible-runner issue 1343).
+    raise TIMEOUT with output still unread (ansible-runner issue 1343). Here a
+    passed timeout ends the loop only when the stream is not ready
+    (:meth:`OutputStream.ready`): while the child runs, or after its exit while
+    another holder of the pipe may still write.
     """
 
     spawn: RunnerSpawn
@@ -438,7 +379,7 @@ class _Expecter(_ExpecterBase):
                 return int(idx)
             while True:
                 left = None if end is None else end - time.monotonic()
-                if left is not None and left < 0 and not spawn._output_waiting():
+                if left is not None and left < 0 and not spawn._output.ready():
                     return int(self.timeout())
                 spawn._trim_unmatched()
                 incoming = spawn.read_nonblocking(spawn.maxread, None if left is None else max(left, 0.0))

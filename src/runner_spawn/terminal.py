@@ -87,7 +87,7 @@ class TerminalSpawn(RunnerSpawn):
         command: str,
         args: Sequence[str] | None = None,
         timeout: float | None = 30,
-        maxread: int = 1 << 16,
+        maxread: int = 2000,
         searchwindowsize: int | None = None,
         logfile: Any = None,
         cwd: str | os.PathLike[str] | None = None,

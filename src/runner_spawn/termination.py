@@ -29,6 +29,8 @@ def handle_runner_termination(
     """
     del is_cancel
     child = _child.find_child(pid)
+    if child is not None:
+        child.ended_by_host = True  # its output now ends by rule 2 of ``_stream``
     if pid <= 0:
         log.error("refusing to terminate pid %d: not a single process", pid)
     elif child is None and pid == os.getpid():
@@ -36,8 +38,7 @@ def handle_runner_termination(
     elif child is not None and child.reaped:
         pass  # it has ended and been reaped; the pid may already belong to someone else
     else:
-        marker = None if child is None else child.marker
-        _tree.end_tree(pid, GRACE_SECONDS if grace is None else grace, marker)
+        _tree.end_tree(pid, GRACE_SECONDS if grace is None else grace, None if child is None else child.marker)
     if pidfile is not None:
         with contextlib.suppress(OSError):
             os.remove(pidfile)
