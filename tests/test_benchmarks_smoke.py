@@ -49,3 +49,20 @@ def test_quick_mode_prints_a_complete_table() -> None:
     assert lost[3] == "0 (0)", proc.stdout
     assert '"error"' not in proc.stderr, proc.stderr[-3000:]  # a worker failed
     assert "Runner's own sink, no child" in proc.stdout, proc.stdout
+
+
+TERMINATE_FLOOD = RUN.parent / "terminate_flood.py"
+
+
+@pytest.mark.timeout(120)
+def test_terminate_flood_quick_mode() -> None:
+    """Every implementation is measured; RunnerSpawn gives Runner's statuses and no error."""
+    args = [sys.executable, str(TERMINATE_FLOOD), "--quick", "--job-timeout", "1"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    rows = {r[0]: r for r in _table(proc.stdout)[2:]}
+    assert set(rows) == {"job_timeout, load 0", "cancel, load 0"}, proc.stdout
+    for row in rows.values():
+        assert row[1].endswith("ch)") and row[3].endswith("ch)"), proc.stdout  # stock and RunnerSpawn measured
+        assert row[2] == "host killed by SIGKILL", proc.stdout  # plain PopenSpawn shares its host's group
+    assert "('timeout', 254)" in proc.stdout and "('canceled', 254)" in proc.stdout, proc.stdout
