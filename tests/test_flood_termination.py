@@ -32,8 +32,6 @@ from runner_spawn import RunnerSpawn, TerminalSpawn
 from tests.conftest import JobDir
 from tests.runner_loop import RUNNER_KW
 
-pytestmark = pytest.mark.matrix
-
 LINE = "0123456789abcdefghijklmnopqrstuvwxyz"  # every output line of the flooding commands
 MODES = ["pipe", "terminal"]
 
@@ -103,7 +101,9 @@ ANSIBLE_RUNNER_COMMANDS = {"yes": ["yes"], "children": ["bash", "-c", "(yes)"]}
 
 @pytest.mark.timeout(90)
 @pytest.mark.usefixtures("patched")
-@pytest.mark.parametrize("command", list(ANSIBLE_RUNNER_COMMANDS))
+@pytest.mark.parametrize(
+    "command", [pytest.param("yes", marks=pytest.mark.matrix), "children"]
+)  # the version matrix runs the first: Runner's loop is what differs between releases
 def test_ansible_runner_long_running(tmp_path: Path, command: str) -> None:
     rc = ansible_runner_test_config(tmp_path, ANSIBLE_RUNNER_COMMANDS[command])
     assert Runner(config=rc).run() == ("timeout", 254)
@@ -288,6 +288,7 @@ SPAWNS: dict[str, type[RunnerSpawn]] = {"pipe": RunnerSpawn, "terminal": Termina
 UNREAD_CAPACITY = {"pipe": 10000, "terminal": 2000}
 
 
+@pytest.mark.matrix
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("kind", MODES)
 def test_spawn_exited_job_every_byte_at_any_sink_speed(kind: str) -> None:
@@ -304,6 +305,7 @@ def test_spawn_exited_job_every_byte_at_any_sink_speed(kind: str) -> None:
     assert child.output_dropped == 0
 
 
+@pytest.mark.matrix
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("kind", MODES)
 @pytest.mark.parametrize("how", ["terminate", "handle_runner_termination"])
@@ -326,6 +328,7 @@ def test_spawn_ended_by_host_cuts_at_a_line_end(kind: str, how: str) -> None:
     assert (child.exitstatus, child.signalstatus) == (None, 15)
 
 
+@pytest.mark.matrix
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("kind", MODES)
 def test_spawn_no_timeout_once_the_end_is_ready(kind: str) -> None:
@@ -338,6 +341,7 @@ def test_spawn_no_timeout_once_the_end_is_ready(kind: str) -> None:
     child.close()
 
 
+@pytest.mark.matrix
 @pytest.mark.timeout(30)
 def test_spawn_no_timeout_after_the_grace_for_other_holders() -> None:
     """Clause 3, another holder: once drain_grace has passed, the end is due: EOF at timeout=0."""
@@ -349,6 +353,7 @@ def test_spawn_no_timeout_after_the_grace_for_other_holders() -> None:
     child.close()
 
 
+@pytest.mark.matrix
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("kind", MODES)
 def test_spawn_running_job_timeout_between_slices(kind: str) -> None:
