@@ -194,6 +194,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {key} | {' | '.join(cells)} | {ratio} | {diff} |")
     print()
     print("Seconds from handle_termination to run() returning (median); ch: characters handed to Runner after it.")
+    for key, by_impl in raw.items():
+        totals = {
+            LABELS[i]: f"{statistics.median(r['total'] for r in by_impl[i] if 'total' in r):.2f} s"
+            for i in IMPLS
+            if any("total" in r for r in by_impl[i])
+        }
+        print(f"run() from start, {key}: {totals}")
     statuses = {
         key: {tuple(r["status"]) for r in by_impl["runner_spawn"] if r.get("status")} for key, by_impl in raw.items()
     }
