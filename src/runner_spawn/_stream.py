@@ -92,18 +92,17 @@ class OutputStream:
             self._exit_seen_at = time.monotonic()
             self._owed = pipe_capacity(self._child.stdout_fd)
 
-    def _exited(self) -> bool:
+    def _exit_time(self) -> float | None:
+        """When the child's exit was first seen; None while it runs."""
         if self._exit_seen_at is None and self._child.has_exited(0):
             self.note_exit()
-        return self._exit_seen_at is not None
+        return self._exit_seen_at
 
-    def _cutting(self) -> bool:
-        """Rule 2 applies: the host ended the job and its child has exited."""
-        if self._cut_at is None:
-            if not (self._child.ended_by_host and self._exited()):
-                return False
+    def _cut_deadline(self) -> float | None:
+        """Rule 2's deadline once it applies (the host ended the job and it exited), else None."""
+        if self._cut_at is None and self._child.ended_by_host and self._exit_time() is not None:
             self._cut_at = time.monotonic() + CUT_SECONDS
-        return True
+        return self._cut_at
 
     def _pending(self) -> bool:
         return self._pos < len(self._buf)
@@ -115,11 +114,12 @@ class OutputStream:
         and pending output stays for the next call). After the exit: True while
         output is pending, on the pipe (data or hangup), or its end is due.
         """
-        if not self._exited():
+        exit_time = self._exit_time()
+        if exit_time is None:
             return False
-        if self._pending() or self._ended or self._pipe_eof or self._cutting():
+        if self._pending() or self._ended or self._pipe_eof or self._cut_deadline() is not None:
             return True  # under rule 2 the end is at most CUT_SECONDS away
-        if time.monotonic() >= self._exit_seen_at + self.drain_grace:  # type: ignore[operator]
+        if time.monotonic() >= exit_time + self.drain_grace:
             return True
         return bool(wait_readable([self._child.stdout_fd], 0))
 
@@ -128,16 +128,18 @@ class OutputStream:
     def take(self, size: int, timeout: float | None) -> Any:
         """The next chunk of output (at most about ``size``); empty at the end; None on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        limit: float | None  # how long the pipe may be waited on in this round
         while True:
-            if self._cutting():
-                if time.monotonic() >= self._cut_at or self._cut_left <= 0:  # type: ignore[operator]
+            cut_at = self._cut_deadline()
+            if cut_at is not None:
+                if time.monotonic() >= cut_at or self._cut_left <= 0:
                     return self._cut()
                 chunk = self._take_lines(min(size, CUT_SLICE))
                 if chunk:
                     return chunk
                 if self._ended:
                     return self._cut()
-                limit = self._cut_at  # bounded by the budget, whatever the caller's timeout
+                limit = cut_at  # bounded by the budget, whatever the caller's timeout
             elif self._pending():
                 return self._take_slice(size)
             elif self._ended:
@@ -146,7 +148,7 @@ class OutputStream:
                 limit = deadline
             data = self._read_pipe(limit)
             if data is None:
-                if self._cut_at is not None:
+                if cut_at is not None:
                     continue  # the budget is spent: the loop's top cuts
                 return None
             self._append(data)
