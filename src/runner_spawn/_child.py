@@ -13,8 +13,10 @@ import fcntl
 import itertools
 import logging
 import os
+import resource
 import secrets
 import signal
+import struct
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
@@ -36,15 +38,26 @@ _CD_AND_EXEC = 'cd -P -- "$0" || exit 127; exec "$@"'
 _DEFAULT_SIGNALS = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
 
 
-def _inheritable_fds() -> list[int]:
-    """The host's fds above 2 without close-on-exec: they would leak into the job."""
+def _inheritable_fds(above_limit: list[int] | None = None) -> list[int]:
+    """The host's fds above 2 without close-on-exec: they would leak into the job.
+
+    Only those below the soft RLIMIT_NOFILE: posix_spawn refuses to close an fd at or
+    above it (EBADF), which would fail every spawn of a host that lowered its limit
+    below an fd it holds. Those stay open in the job (as with pexpect.spawn, which
+    closes fds up to the limit only) and are appended to ``above_limit``.
+    """
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     found = []
     for name in os.listdir("/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"):
         fd = int(name)
         if fd > 2:
             with contextlib.suppress(OSError):  # the directory's own fd, now closed
                 if os.get_inheritable(fd):
-                    found.append(fd)
+                    if 0 <= limit <= fd:
+                        if above_limit is not None:
+                            above_limit.append(fd)
+                    else:
+                        found.append(fd)
     return found
 
 
@@ -61,6 +74,27 @@ def _decode_status(status: int) -> ExitStatus:
     if os.WIFSIGNALED(status):
         return ExitStatus(status, None, os.WTERMSIG(status))
     return ExitStatus(status, os.WEXITSTATUS(status), None)
+
+
+# ioctl(pidfd, PIDFD_GET_INFO) with PIDFD_INFO_EXIT (Linux 6.15+): the kernel keeps an
+# exited process's wait status for its pidfds, also after someone else reaped it (a host
+# that ignores SIGCHLD, a thread in waitpid(-1), gevent's child watcher).
+_PIDFD_INFO_SIZE = 64  # struct pidfd_info up to exit_code (offset 60), as in 6.15
+_PIDFD_GET_INFO = (3 << 30) | (_PIDFD_INFO_SIZE << 16) | (0xFF << 8) | 11  # _IOWR(0xFF, 11, ...)
+_PIDFD_INFO_EXIT = 1 << 3
+
+
+def _status_from_pidfd(pidfd: int) -> int | None:
+    """The wait status of the exited process behind ``pidfd``, or None where the kernel has none."""
+    info = bytearray(_PIDFD_INFO_SIZE)
+    struct.pack_into("=Q", info, 0, _PIDFD_INFO_EXIT)
+    try:
+        fcntl.ioctl(pidfd, _PIDFD_GET_INFO, info, True)
+    except OSError:
+        return None
+    if not struct.unpack_from("=Q", info, 0)[0] & _PIDFD_INFO_EXIT:
+        return None
+    return int(struct.unpack_from("=i", info, 60)[0])
 
 
 # A copy of the host forked (without exec) while a job's pipes are open at both ends
@@ -142,6 +176,7 @@ class Child:
         if cwd is not None:
             exe, spawn_argv = SHELL, [SHELL, "-c", _CD_AND_EXEC, cwd, *argv]
         hold_forks_during_spawns()
+        left_open: list[int] = []  # inheritable fds the job keeps (see _inheritable_fds)
         with spawn_lock:
             stdin_r = stdout_w = -1
             if tty is not None:
@@ -167,7 +202,7 @@ class Child:
                     file_actions=[
                         *stdio,
                         # As close_fds=True in subprocess and ptyprocess: the job gets 0-2 only.
-                        *((os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds()),
+                        *((os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds(left_open)),
                     ],
                     setsid=True,
                     setsigdef=_DEFAULT_SIGNALS,
@@ -184,8 +219,21 @@ class Child:
         #: Set when this process ends the job (cancel, timeouts, terminate()): its
         #: output then ends by a bound rather than by draining (see ``_stream``).
         self.ended_by_host = False
+        if left_open:
+            log.warning("fds %s are at or above RLIMIT_NOFILE and stay open in job pid %d", left_open, self.pid)
         self._waiter: threading.Thread | None = None
-        self.exit_fd = self._open_exit_fd()
+        try:
+            self.exit_fd = self._open_exit_fd()
+        except BaseException:
+            # Out of fds (pidfd_open and the fallback pipe alike) or threads: a job that
+            # cannot be watched is ended here, not left running unseen.
+            with contextlib.suppress(OSError):
+                os.killpg(self.pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
+            close_fd(self.stdin_fd)
+            close_fd(self.stdout_fd)
+            raise
 
         with _children_lock:
             _children[self.pid] = self
@@ -229,8 +277,18 @@ class Child:
         try:
             _, status = os.waitpid(self.pid, 0)
         except ChildProcessError:
-            log.warning("pid %d was reaped by someone else; its exit status is unknown", self.pid)
-            self.exit = ExitStatus(None, None, None)
+            # Reaped by someone else: the host ignores SIGCHLD (the kernel reaps), or
+            # another thread waits for any child. A pidfd may still know the status.
+            found = None if self._waiter is not None else _status_from_pidfd(self.exit_fd)
+            if found is None:
+                log.warning(
+                    "pid %d was reaped by someone else (SIGCHLD %s in this process); its exit status is unknown",
+                    self.pid,
+                    "ignored" if signal.getsignal(signal.SIGCHLD) == signal.SIG_IGN else "not ignored",
+                )
+                self.exit = ExitStatus(None, None, None)
+            else:
+                self.exit = _decode_status(found)
         else:
             self.exit = _decode_status(status)
         with _children_lock:
@@ -238,15 +296,26 @@ class Child:
                 del _children[self.pid]
         return self.exit
 
+    def _pid_is_ours(self) -> bool:
+        """False once the pid may name another process: reaped here or by someone else."""
+        if self.exit is not None:
+            return False
+        if not self.has_exited():
+            return True
+        try:  # exited: the pid stays ours while it is our zombie
+            return os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:
+            return False
+
     def signal(self, sig: int) -> None:
         """Send ``sig`` to the process itself; no-op once reaped."""
-        if self.exit is None:
+        if self._pid_is_ours():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, sig)
 
     def signal_group(self, sig: int) -> None:
         """Send ``sig`` to the process group it leads; no-op once reaped."""
-        if self.exit is None:
+        if self._pid_is_ours():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.pid, sig)
 
