@@ -285,7 +285,8 @@ def summary(out: dict[str, Any]) -> str:
     if "hung" in out:
         return f"hung (> {out['hung']:g} s)"
     if "raised" in out:
-        return "raises " + out["raised"][:90]
+        text = out["raised"]
+        return "raises " + (text if len(text) <= 80 else text[:77] + "...")
     return f"{out['status']} rc {out['rc']}"
 
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from typing import Any
 
+import pexpect
 import pytest
 
 from runner_spawn import RunnerSpawn, _child
@@ -173,6 +174,43 @@ def check_big_output(params: dict[str, Any]) -> None:
         bound = OWN_MB
     assert report["rss_growth_mb"] <= bound, report
     assert report["left"] == []
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("newline", [False, True], ids=["no-newline", "newline"])
+def test_spawn_alone_holds_little_of_a_64mb_line(newline: bool) -> None:
+    """RunnerSpawn's own share, driven as Runner drives it, with a sink that keeps nothing."""
+
+    class Count:
+        chars = 0
+
+        def write(self, text: str) -> None:
+            self.chars += len(text)
+
+        def flush(self) -> None:
+            pass
+
+    size = 64 * faults.MiB
+    rss_before = faults._status_kb("VmRSS")
+    faults.reset_peak_rss()
+    spawn = RunnerSpawn(
+        "sh",
+        ["-c", f"head -c {size} /dev/zero | tr '\\0' x" + ("; echo" if newline else "")],
+        cwd="/",
+        ignore_sighup=True,
+        encoding="utf-8",
+        codec_errors="replace",
+        echo=False,
+        use_poll=True,
+    )
+    sink = Count()
+    spawn.logfile_read = sink
+    while spawn.isalive():
+        spawn.expect([pexpect.TIMEOUT, pexpect.EOF], timeout=5, searchwindowsize=100)
+    spawn.expect(pexpect.EOF, timeout=5)
+    spawn.close()
+    assert sink.chars == size + newline
+    assert (faults._status_kb("VmHWM") - rss_before) / 1024 <= OWN_MB
 
 
 @pytest.mark.timeout(120)
