@@ -141,14 +141,11 @@ def test_full_artifact_fs_playbook_error_surfaces_and_tree_ends() -> None:
 
 @pytest.mark.timeout(120)
 def test_full_artifact_fs_job_running_on() -> None:
-    # Runner's write of the stdout artifact raises out of Runner.run() while the job runs.
+    # Runner's write of the stdout artifact raises out of Runner.run() while the job runs:
+    # RunnerSpawn ends the job before the error goes on (nobody will read it again).
     report = full_fs("command")
-    if report["running_while_error_held"] or report["left"]:
-        pytest.xfail(
-            "Runner.run() abandons the spawn when logfile_read raises; ending the job's tree "
-            f"then needs RunnerSpawn to do it (running: {report['running_while_error_held']}, "
-            f"left: {report['left']})"
-        )
+    assert report["running_while_error_held"] == []
+    assert report["left"] == []
 
 
 # --- large output ---------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from ansible_runner.runner import Runner
 
 import runner_spawn
 from runner_spawn import RunnerSpawn, TerminalSpawn
+from tests import procs
 from tests.conftest import JobDir
 from tests.runner_loop import RUNNER_KW
 
@@ -370,3 +371,40 @@ def test_spawn_running_job_timeout_between_slices(kind: str) -> None:
     assert calls >= 3, "each expect() handed over more than one slice after its timeout"
     numbers = [int(n) for n in sink.text().split("\n")[:-1]]
     assert numbers == list(range(1, len(numbers) + 1))
+
+
+class FailingSink:
+    """A logfile_read whose writes fail, as Runner's artifact does on a full disk."""
+
+    def write(self, text: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", MODES)
+def test_spawn_sink_error_ends_the_whole_tree(kind: str) -> None:
+    """A raising logfile_read ends the job (a worker in a session of its own too), then the error goes on."""
+    before = procs.descendants()
+    child = SPAWNS[kind]("sh", ["-c", "setsid sleep 60 & exec yes"], **RUNNER_KW)
+    child.logfile_read = FailingSink()
+    with pytest.raises(OSError, match="No space left"):
+        child.expect(pexpect.EOF, timeout=10)
+    assert not child.isalive()
+    assert procs.alive(procs.descendants()).keys() <= before.keys()  # the setsid'd sleep ended too
+    child.close()
+
+
+@pytest.mark.timeout(60)
+def test_spawn_terminate_force_ends_the_whole_tree() -> None:
+    before = procs.descendants()
+    child = RunnerSpawn("sh", ["-c", "setsid sleep 60 & exec sleep 60"], **RUNNER_KW)
+    deadline = time.monotonic() + 10
+    while len(procs.descendants().keys() - before.keys()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert child.terminate(force=True)
+    assert procs.alive(procs.descendants()).keys() <= before.keys()
+    assert (child.exitstatus, child.signalstatus) == (None, 15)
+    child.close()

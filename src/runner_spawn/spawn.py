@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +31,7 @@ from pexpect.popen_spawn import PopenSpawn
 from pexpect.spawnbase import SpawnBase
 from pexpect.utils import split_command_line, which
 
-from . import _child, _container
+from . import _child, _container, _tree
 from ._expect import ExpectRouting
 from ._stream import OutputStream
 
@@ -158,7 +159,11 @@ class RunnerSpawn(ExpectRouting, _PopenSpawnBase):
         """Return up to ``size`` characters, waiting at most ``timeout`` for output.
 
         Raises TIMEOUT when nothing arrives in time and EOF once the output has
-        ended, by the rules of :mod:`runner_spawn._stream`.
+        ended, by the rules of :mod:`runner_spawn._stream`. If ``logfile_read``
+        raises (Runner's artifact on a full disk, an event handler's error), the job
+        is ended with :meth:`terminate` (``force=True``) before the error goes on:
+        ``Runner.run()`` lets it out of its loop and never reads or closes the job
+        again, so the job would otherwise run on unread.
         """
         if timeout == -1:
             timeout = self.timeout
@@ -168,7 +173,12 @@ class RunnerSpawn(ExpectRouting, _PopenSpawnBase):
         if not text:
             self.flag_eof = True
             raise EOF("End Of File (EOF).")
-        self._write_logs(text, self.logfile_read)
+        try:
+            self._write_logs(text, self.logfile_read)
+        except BaseException:
+            log.warning("pid %d: logfile_read raised; ending the job, whose output nobody will read", self.pid)
+            self.terminate(force=True)
+            raise
         return text
 
     @property
@@ -246,23 +256,25 @@ class RunnerSpawn(ExpectRouting, _PopenSpawnBase):
             self._child.signal(sig)
 
     def terminate(self, force: bool = False) -> bool:
-        """End the child's process group: SIGTERM, then SIGKILL if ``force``.
+        """End the job: SIGTERM to its process group; with ``force``, its whole tree.
 
         ptyprocess sends SIGHUP, SIGCONT and SIGINT to the child alone; a job on
-        pipes has no hangup to simulate, so this sends SIGTERM (and SIGCONT) to the
-        child's process group and waits up to ``delayafterterminate`` seconds.
-        Returns True when the child has exited.
+        pipes has no hangup to simulate. Without ``force`` this sends SIGTERM (and
+        SIGCONT) to the child's process group and waits up to
+        ``delayafterterminate`` seconds. With ``force`` it ends the job's whole
+        process tree as :func:`~runner_spawn.handle_runner_termination` does
+        (SIGTERM, ``delayafterterminate`` seconds, SIGKILL to what is left,
+        including processes in sessions of their own). Returns True when the child
+        has exited.
         """
         if not self.isalive():
             return True
         self._child.ended_by_host = True
-        self._child.signal_group(15)
-        self._child.signal_group(18)
-        if self._child.has_exited(self.delayafterterminate):
-            return not self.isalive()
-        if not force:
-            return False
-        self._child.signal_group(9)
+        if force:
+            _tree.end_tree(self._child.pid, self.delayafterterminate, self._child.marker)
+        else:
+            self._child.signal_group(signal.SIGTERM)
+            self._child.signal_group(signal.SIGCONT)
         self._child.has_exited(self.delayafterterminate)
         return not self.isalive()
 
