@@ -102,9 +102,7 @@ ANSIBLE_RUNNER_COMMANDS = {"yes": ["yes"], "children": ["bash", "-c", "(yes)"]}
 
 @pytest.mark.timeout(90)
 @pytest.mark.usefixtures("patched")
-@pytest.mark.parametrize(
-    "command", [pytest.param("yes", marks=pytest.mark.matrix), "children"]
-)  # the version matrix runs the first: Runner's loop is what differs between releases
+@pytest.mark.parametrize("command", list(ANSIBLE_RUNNER_COMMANDS))
 def test_ansible_runner_long_running(tmp_path: Path, command: str) -> None:
     rc = ansible_runner_test_config(tmp_path, ANSIBLE_RUNNER_COMMANDS[command])
     assert Runner(config=rc).run() == ("timeout", 254)
