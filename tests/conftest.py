@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import runner_spawn
+from runner_spawn import _watchdog
 from tests import procs
 
 BIN_DIR = os.path.dirname(sys.executable)
@@ -21,6 +22,9 @@ def pytest_configure(config: pytest.Config) -> None:
     if BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     procs.become_subreaper()
+    # This process's job watchdog (started by the first job otherwise) exists before any
+    # test, so tests that compare processes and fds before and after see it on both sides.
+    _watchdog.ensure_started()
 
 
 @pytest.fixture(autouse=True)

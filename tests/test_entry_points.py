@@ -544,7 +544,12 @@ def test_cli_start_daemon_keeps_patch_and_stop_ends_its_tree(job_dir: JobDir) ->
 
         assert _wait_for(sleeping, 60), "the job's task never started"
         # The patch lives on in the daemon: its job was started by RunnerSpawn, on pipes.
-        (job,) = [pid for pid in tree if (procs.stat(pid) or (0, 0, 0, ""))[0] == daemon]
+        # (The daemon's other child is its job watchdog, runner_spawn._watchdog.)
+        (job,) = [
+            pid
+            for pid in tree
+            if (procs.stat(pid) or (0, 0, 0, ""))[0] == daemon and b"_watchdog.py" not in _cmdline(pid)
+        ]
         assert os.readlink(f"/proc/{job}/fd/1").startswith("pipe:")
         assert os.readlink(f"/proc/{job}/fd/0").startswith("pipe:")
 

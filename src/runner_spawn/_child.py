@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import itertools
 import logging
 import os
 import resource
-import secrets
 import signal
 import struct
 import threading
@@ -23,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from . import _watchdog
 from ._fds import close_fd, pipe, wait_readable
 
 log = logging.getLogger("runner_spawn")
@@ -106,7 +105,6 @@ spawn_lock = threading.RLock()
 
 #: Environment variable that marks every process of a job with the job's identity.
 JOB_MARKER_VAR = "RUNNER_SPAWN_JOB"
-_markers = itertools.count(1)
 _fork_hooks_registered = False
 
 
@@ -169,15 +167,17 @@ class Child:
         """Start ``argv``. With ``tty`` (a pseudo-terminal's master fd and slave path)
         the job gets the terminal instead of pipes (see :func:`_terminal_stdio`)."""
         # Every process of the job inherits this variable (forks and execs alike), so
-        # end_tree() can find the ones that left the job's tree of parents.
-        self.marker = f"{os.getpid()}-{next(_markers)}-{secrets.token_hex(4)}"
+        # end_tree() can find the ones that left the job's tree of parents, and the
+        # watchdog can end them all if this process dies (_watchdog).
+        self.marker = _watchdog.new_marker()
         env = {**env, JOB_MARKER_VAR: self.marker}
         exe, spawn_argv = argv[0], list(argv)
         if cwd is not None:
             exe, spawn_argv = SHELL, [SHELL, "-c", _CD_AND_EXEC, cwd, *argv]
         hold_forks_during_spawns()
         left_open: list[int] = []  # inheritable fds the job keeps (see _inheritable_fds)
-        with spawn_lock:
+        _watchdog.watch(self.marker)
+        with spawn_lock, _watchdog.unwatch_on_error(self.marker):
             stdin_r = stdout_w = -1
             if tty is not None:
                 self.stdout_fd, self.stdin_fd, stdio = _terminal_stdio(*tty)
@@ -231,6 +231,7 @@ class Child:
                 os.killpg(self.pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self.pid, 0)
+            _watchdog.unwatch(self.marker)
             close_fd(self.stdin_fd)
             close_fd(self.stdout_fd)
             raise
@@ -294,6 +295,7 @@ class Child:
         with _children_lock:
             if _children.get(self.pid) is self:
                 del _children[self.pid]
+        _watchdog.unwatch(self.marker)
         return self.exit
 
     def _pid_is_ours(self) -> bool:
