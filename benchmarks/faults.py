@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import errno
 import gc
 import json
@@ -44,6 +43,10 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parent))
+
+from proctree import alive, become_subreaper, descendants, kill_exact, open_fds  # noqa: E402
+
 MiB = 1 << 20
 
 # --- playbooks -------------------------------------------------------------------------
@@ -111,23 +114,6 @@ def make_job(root: Path, playbook: str, hosts: int = 1) -> Path:
 # --- processes, fds, memory (Linux /proc) ----------------------------------------------
 
 
-def become_subreaper() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
-
-
-def _stat(pid: int) -> tuple[int, int, str] | None:
-    """(ppid, start time, state) of ``pid``, or None."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return None
-    fields = raw[raw.rindex(b")") + 2 :].split()
-    return int(fields[1]), int(fields[19]), fields[0].decode()
-
-
 def _cmdline(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -139,55 +125,6 @@ def _cmdline(pid: int) -> str:
 def _is_helper(pid: int) -> bool:
     """runner-spawn's own per-host helper (the job watchdog), not a job's process."""
     return "runner_spawn" in _cmdline(pid) and "_watchdog" in _cmdline(pid)
-
-
-def descendants() -> dict[int, int]:
-    """{pid: start time} of this process's live (non-zombie) descendants."""
-    kids: dict[int, list[int]] = {}
-    info: dict[int, tuple[int, int, str]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            st = _stat(int(name))
-            if st is not None:
-                info[int(name)] = st
-                kids.setdefault(st[0], []).append(int(name))
-    out: dict[int, int] = {}
-    stack = [os.getpid()]
-    while stack:
-        for c in kids.get(stack.pop(), ()):
-            if c not in out:
-                stack.append(c)
-                if info[c][2] != "Z":
-                    out[c] = info[c][1]
-    return out
-
-
-def alive(procs: dict[int, int]) -> dict[int, int]:
-    left = {}
-    for pid, start in procs.items():
-        st = _stat(pid)
-        if st is not None and st[1] == start and st[2] != "Z":
-            left[pid] = start
-    return left
-
-
-def kill_exact(procs: dict[int, int]) -> None:
-    """SIGKILL each of ``procs`` that is still the same process; reap our zombies among them."""
-    for pid in alive(procs):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while alive(procs) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    for pid in procs:
-        st = _stat(pid)
-        if st is not None and st[0] == os.getpid() and st[2] == "Z":
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
-
-
-def open_fds() -> set[int]:
-    return {int(n) for n in os.listdir("/proc/self/fd")}
 
 
 def _status_kb(field: str) -> int:

@@ -27,7 +27,6 @@ while idle, host time per job). Everything this script starts is killed by pid.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import json
 import os
@@ -43,6 +42,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from proctree import alive, become_subreaper, descendants, kill_exact
+
 MODES = {
     "stock": "stock `pexpect.spawn`",
     "pdeathsig": "stock + `PR_SET_PDEATHSIG` (preexec_fn)",
@@ -50,7 +53,6 @@ MODES = {
     "patched": "runner-spawn",
 }
 PR_SET_PDEATHSIG = 1
-PR_SET_CHILD_SUBREAPER = 36
 
 #: The host: ``python -c HOST MODE PRIVATE_DATA_DIR``; prints {"host": pid} and runs the job.
 HOST = """
@@ -72,70 +74,6 @@ print(json.dumps({"host": os.getpid()}), flush=True)
 r = ansible_runner.run(private_data_dir=pdd, playbook="site.yml", quiet=True)
 print(json.dumps({"status": r.status, "rc": r.rc}), flush=True)
 """
-
-
-def become_subreaper() -> None:
-    """Orphans of everything this process starts re-parent to it: they stay countable."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
-
-
-def _stat(pid: int) -> tuple[int, int, str] | None:
-    """(ppid, start time, state) of ``pid``, or None."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return None
-    fields = raw[raw.rindex(b")") + 2 :].split()
-    return int(fields[1]), int(fields[19]), fields[0].decode()
-
-
-def descendants(root: int) -> dict[int, int]:
-    """{pid: start time} of the live descendants of ``root``."""
-    kids: dict[int, list[int]] = {}
-    info: dict[int, tuple[int, int, str]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            st = _stat(int(name))
-            if st is not None:
-                info[int(name)] = st
-                kids.setdefault(st[0], []).append(int(name))
-    out: dict[int, int] = {}
-    stack = [root]
-    while stack:
-        for c in kids.get(stack.pop(), ()):
-            if c not in out:
-                stack.append(c)
-                if info[c][2] != "Z":
-                    out[c] = info[c][1]
-    return out
-
-
-def alive(procs: dict[int, int]) -> dict[int, int]:
-    """Those of ``procs`` that still run as the same process (not zombies)."""
-    left = {}
-    for pid, start in procs.items():
-        st = _stat(pid)
-        if st is not None and st[1] == start and st[2] != "Z":
-            left[pid] = start
-    return left
-
-
-def kill_exact(procs: dict[int, int]) -> None:
-    """SIGKILL each of ``procs`` that is still the same process; reap our orphaned zombies."""
-    for pid in alive(procs):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while alive(procs) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    for pid in procs:
-        st = _stat(pid)
-        if st is not None and st[0] == os.getpid() and st[2] == "Z":
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
 
 
 def cmdline(pid: int) -> list[str]:
