@@ -85,7 +85,7 @@ def make_session(combo: Combo) -> None:
             )
         constraints = Path(session.create_tmp()) / "constraints.txt"
         constraints.write_text(combo.constraints())
-        session.install("-c", str(constraints), ".[test]")
+        session.install("-c", str(constraints), ".[test-base]")
         session.run("python", "-m", "pip", "list", "--format=freeze", silent=False)
         session.run("python", "-m", "runner_spawn")
         tests = session.posargs or ["-m", "matrix"]
