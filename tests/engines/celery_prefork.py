@@ -1,0 +1,26 @@
+"""Celery tasks for a prefork pool: runner-spawn installed in each pool process."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.engines.celery_app import make_app
+from tests.engines.jobs import run_job
+
+app = make_app(__name__)
+
+# --8<-- [start:install]
+from celery.signals import worker_process_init
+
+import runner_spawn
+
+
+@worker_process_init.connect
+def install_runner_spawn(**kwargs: object) -> None:
+    runner_spawn.install()  # in each pool process, as it starts (replacements too)
+# --8<-- [end:install]
+
+
+@app.task(name="run_playbook")
+def run_playbook(pdd: str, cancel_file: str | None = None) -> dict[str, Any]:
+    return run_job(pdd, cancel_file)
