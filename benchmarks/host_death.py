@@ -234,15 +234,15 @@ def pdeathsig_thread_exit() -> bool:
 COST = """
 import json, os, socket, sys, time, fcntl, termios, struct
 import runner_spawn
-from runner_spawn import _watchdog
-assert _watchdog.watchdog_pid() is None
-marker = _watchdog.new_marker()
+from runner_spawn import _watchdog_client as client
+assert client.watchdog_pid() is None
+marker = client.new_marker()
 t0 = time.perf_counter()
-_watchdog.watch(marker)            # starts it: what the first job pays
+client.watch(marker)            # starts it: what the first job pays
 started = time.perf_counter() - t0
-pid = _watchdog.watchdog_pid()
+pid = client.watchdog_pid()
 def unread():                      # bytes the watchdog has not read yet
-    return struct.unpack("i", fcntl.ioctl(_watchdog._sock.fileno(), termios.TIOCOUTQ, b"\\0" * 4))[0]
+    return struct.unpack("i", fcntl.ioctl(client._sock.fileno(), termios.TIOCOUTQ, b"\\0" * 4))[0]
 while unread():
     time.sleep(0.0005)
 ready = time.perf_counter() - t0
@@ -258,9 +258,9 @@ idle_ticks = ticks() - start_ticks
 n = 2000
 t0 = time.perf_counter()
 for _ in range(n):
-    m = _watchdog.new_marker()
-    _watchdog.watch(m)
-    _watchdog.unwatch(m)
+    m = client.new_marker()
+    client.watch(m)
+    client.unwatch(m)
 per_job = (time.perf_counter() - t0) / n
 while unread():
     time.sleep(0.0005)

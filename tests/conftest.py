@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import runner_spawn
-from runner_spawn import _watchdog
+from runner_spawn import _watchdog_client
 from tests import procs
 
 BIN_DIR = os.path.dirname(sys.executable)
@@ -24,7 +24,7 @@ def pytest_configure(config: pytest.Config) -> None:
     procs.become_subreaper()
     # This process's job watchdog (started by the first job otherwise) exists before any
     # test, so tests that compare processes and fds before and after see it on both sides.
-    _watchdog.ensure_started()
+    _watchdog_client.ensure_started()
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,5 @@
-"""Jobs never outlive their host: the watchdog (runner_spawn._watchdog) ends them.
+"""Jobs never outlive their host: the watchdog (runner_spawn._watchdog, started and fed by
+runner_spawn._watchdog_client) ends them.
 
 Every host here is a real process started by the test, in a session of its own, and
 killed by its pid. The job's processes re-parent to this test process (a child
@@ -23,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from runner_spawn import RunnerSpawn, _child, _watchdog
+from runner_spawn import RunnerSpawn, _child, _watchdog_client
 from tests import bench, procs
 
 host_death = bench.load("host_death")
@@ -35,7 +36,7 @@ DRIVER = r"""
 import json, os, signal, sys, time
 import pexpect
 import runner_spawn
-from runner_spawn import _watchdog
+from runner_spawn import _watchdog_client as client
 
 def reply(**kw):
     print(json.dumps(kw), flush=True)
@@ -44,11 +45,11 @@ jobs = []
 for line in sys.stdin:
     cmd, _, arg = line.strip().partition(" ")
     if cmd == "info":
-        reply(pid=os.getpid(), watchdog=_watchdog.watchdog_pid())
+        reply(pid=os.getpid(), watchdog=client.watchdog_pid())
     elif cmd == "spawn":
         argv = json.loads(arg)
         jobs.append(runner_spawn.RunnerSpawn(argv[0], argv[1:], encoding="utf-8"))
-        reply(pid=jobs[-1].pid, watchdog=_watchdog.watchdog_pid())
+        reply(pid=jobs[-1].pid, watchdog=client.watchdog_pid())
     elif cmd == "finish":
         job = jobs[int(arg)]
         job.expect(pexpect.EOF, timeout=30)
@@ -57,9 +58,9 @@ for line in sys.stdin:
     elif cmd == "fork":
         pid = os.fork()
         if pid == 0:
-            info = {"inherited_watchdog": _watchdog.watchdog_pid(), "inherited_socket": _watchdog._sock is not None}
+            info = {"inherited_watchdog": client.watchdog_pid(), "inherited_socket": client._sock is not None}
             job = runner_spawn.RunnerSpawn("sleep", ["60"])
-            info.update(pid=os.getpid(), job=job.pid, watchdog=_watchdog.watchdog_pid())
+            info.update(pid=os.getpid(), job=job.pid, watchdog=client.watchdog_pid())
             with open(arg + ".tmp", "w") as f:
                 json.dump(info, f)
             os.rename(arg + ".tmp", arg)
@@ -67,7 +68,7 @@ for line in sys.stdin:
             os._exit(0)
         reply(fork=pid)
     elif cmd == "steal-socket":  # close the host's end behind its back; a pipe takes its number
-        fd = _watchdog._sock.fileno()
+        fd = client._sock.fileno()
         stolen_r, stolen_w = os.pipe()
         os.dup2(stolen_w, fd)
         os.set_blocking(stolen_r, False)
@@ -78,7 +79,16 @@ for line in sys.stdin:
         except BlockingIOError:
             reply(data="")
     elif cmd == "kill-watchdog":
-        os.kill(_watchdog.watchdog_pid(), signal.SIGKILL)
+        os.kill(client.watchdog_pid(), signal.SIGKILL)
+        reply(ok=True)
+    elif cmd == "kill-watchdog-and-spawn":  # no delay between the kill and the job start
+        old = client.watchdog_pid()
+        argv = json.loads(arg)
+        os.kill(old, signal.SIGKILL)
+        jobs.append(runner_spawn.RunnerSpawn(argv[0], argv[1:], encoding="utf-8"))
+        reply(pid=jobs[-1].pid, old=old, watchdog=client.watchdog_pid())
+    elif cmd == "stop-watchdog":
+        os.kill(client.watchdog_pid(), signal.SIGSTOP)
         reply(ok=True)
     elif cmd == "exit":
         sys.exit(0)
@@ -344,8 +354,13 @@ def test_forked_copy_of_the_host_neither_holds_nor_inherits_the_watchdog(tmp_pat
     assert wait_gone(copy_job) == {}
 
 
+#: Runs of each watchdog-race test; ``RUNNER_SPAWN_RACE_RUNS=200`` for a long check under load.
+RACE_RUNS = int(os.environ.get("RUNNER_SPAWN_RACE_RUNS", "2"))
+
+
 @pytest.mark.timeout(60)
-def test_killed_watchdog_is_reaped_and_replaced_with_every_running_job(started: Started) -> None:
+@pytest.mark.parametrize("run", range(RACE_RUNS))
+def test_killed_watchdog_is_reaped_and_replaced_with_every_running_job(run: int, started: Started) -> None:
     host = Host()
     started.append(host)
     first = host.spawn("sleep", "60")
@@ -355,6 +370,43 @@ def test_killed_watchdog_is_reaped_and_replaced_with_every_running_job(started: 
     assert second["watchdog"] not in (None, old)
     st = procs.stat(old)
     assert st is None or st[0] != host.pid, "the killed watchdog was not reaped"
+    jobs = {**one(first["pid"]), **one(second["pid"])}
+    host.kill()
+    assert wait_gone(jobs) == {}, "the new watchdog did not end the job started before it"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("run", range(RACE_RUNS))
+def test_watchdog_killed_right_before_a_job_start_is_replaced_at_that_start(run: int, started: Started) -> None:
+    """The race: the watchdog is SIGKILLed and, with no delay, the next job starts while
+    the dying watchdog's socket still accepts messages and its pidfd has not reported the
+    exit yet. The job start must find out (no answer) and start a new watchdog with every
+    running job, so that both jobs end when the host dies right after."""
+    host = Host()
+    started.append(host)
+    first = host.spawn("sleep", "60")
+    second = host.ask("kill-watchdog-and-spawn " + json.dumps(["sleep", "60"]))
+    assert second["old"] == first["watchdog"]
+    assert second["watchdog"] not in (None, second["old"]), "the job start took the killed watchdog for alive"
+    jobs = {**one(first["pid"]), **one(second["pid"])}
+    watchdog = one(second["watchdog"])
+    host.kill()
+    assert wait_gone(jobs) == {}, "a job outlived its host"
+    assert wait_gone(watchdog) == {}
+
+
+@pytest.mark.timeout(60)
+def test_stopped_watchdog_is_replaced_at_the_next_job_start(started: Started) -> None:
+    """A SIGSTOPped watchdog does not answer: the next job start waits a bounded time
+    (ANSWER_WAIT), then SIGKILLs and reaps it, and a new one holds every running job."""
+    host = Host()
+    started.append(host)
+    first = host.spawn("sleep", "60")
+    host.ask("stop-watchdog")
+    second = host.spawn("sleep", "60")
+    assert second["watchdog"] not in (None, first["watchdog"])
+    st = procs.stat(first["watchdog"])
+    assert st is None or st[0] != host.pid, "the stopped watchdog was not reaped"
     jobs = {**one(first["pid"]), **one(second["pid"])}
     host.kill()
     assert wait_gone(jobs) == {}, "the new watchdog did not end the job started before it"
@@ -405,7 +457,7 @@ def test_watchdog_in_hosts_that_change_sockets(host: str, started: Started) -> N
 
 @pytest.mark.timeout(60)
 def test_opt_out_starts_no_watchdog(started: Started) -> None:
-    host = Host(env={_watchdog.OPT_OUT_VAR: "0"})
+    host = Host(env={_watchdog_client.OPT_OUT_VAR: "0"})
     started.append(host)
     answer = host.spawn("sleep", "60")
     assert answer["watchdog"] is None
@@ -415,16 +467,16 @@ def test_opt_out_starts_no_watchdog(started: Started) -> None:
 
 
 def test_reaped_and_failed_jobs_are_unwatched() -> None:
-    assert _watchdog.watchdog_pid() is not None  # conftest started it for this process
+    assert _watchdog_client.watchdog_pid() is not None  # conftest started it for this process
     child = RunnerSpawn("sleep", ["60"])
     marker = marker_of(child.pid)
-    assert marker in _watchdog._active
+    assert marker in _watchdog_client._active
     child.close(force=True)
-    assert marker not in _watchdog._active, "still watched after close()"
-    before = set(_watchdog._active)
+    assert marker not in _watchdog_client._active, "still watched after close()"
+    before = set(_watchdog_client._active)
     with pytest.raises(FileNotFoundError):
         _child.Child(["/nonexistent/program"], dict(os.environ), None)  # posix_spawn fails
-    assert _watchdog._active == before, "a job that never started is still watched"
+    assert _watchdog_client._active == before, "a job that never started is still watched"
 
 
 @pytest.mark.slow

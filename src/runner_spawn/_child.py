@@ -1,9 +1,11 @@
 """Starting a job's process: posix_spawn in a session of its own, and watching it exit.
 
-Nothing here runs Python code in a child. A job is started with ``os.posix_spawn``
-(glibc: ``clone(CLONE_VM | CLONE_VFORK)`` and ``exec``, no error pipe that a
-concurrently forked copy of the host could hold open) in a session of its own, so
-it is the leader of its own process group and has no controlling terminal.
+Nothing here runs Python code in a child. A job is started by
+:func:`runner_spawn._launch.spawn_in_session` (``posix_spawn``, no error pipe that a
+concurrently forked copy of the host could hold open) in a session of its own, so it
+is the leader of its own process group and has no controlling terminal. Before that,
+the job's marker is registered with the host's watchdog
+(:mod:`runner_spawn._watchdog_client`), which ends the job if the host dies.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import resource
 import signal
 import struct
 import threading
@@ -21,8 +22,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import _watchdog
+from . import _watchdog_client
 from ._fds import close_fd, pipe, wait_readable
+from ._launch import hold_forks_during_spawns as hold_forks_during_spawns
+from ._launch import spawn_in_session
+from ._launch import spawn_lock as spawn_lock
+from ._watchdog import JOB_MARKER_VAR as JOB_MARKER_VAR
 
 log = logging.getLogger("runner_spawn")
 
@@ -31,33 +36,6 @@ log = logging.getLogger("runner_spawn")
 # process (same pid). The shell is not Python, so no Python runs before the exec.
 SHELL = "/bin/sh"
 _CD_AND_EXEC = 'cd -P -- "$0" || exit 127; exec "$@"'
-
-# Signals reset to their default action in the child. Python ignores SIGPIPE and
-# SIGXFSZ, and a host may ignore others; ignored signals would survive exec.
-_DEFAULT_SIGNALS = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
-
-
-def _inheritable_fds(above_limit: list[int] | None = None) -> list[int]:
-    """The host's fds above 2 without close-on-exec: they would leak into the job.
-
-    Only those below the soft RLIMIT_NOFILE: posix_spawn refuses to close an fd at or
-    above it (EBADF), which would fail every spawn of a host that lowered its limit
-    below an fd it holds. Those stay open in the job (as with pexpect.spawn, which
-    closes fds up to the limit only) and are appended to ``above_limit``.
-    """
-    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    found = []
-    for name in os.listdir("/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"):
-        fd = int(name)
-        if fd > 2:
-            with contextlib.suppress(OSError):  # the directory's own fd, now closed
-                if os.get_inheritable(fd):
-                    if 0 <= limit <= fd:
-                        if above_limit is not None:
-                            above_limit.append(fd)
-                    else:
-                        found.append(fd)
-    return found
 
 
 @dataclass(frozen=True)
@@ -94,30 +72,6 @@ def _status_from_pidfd(pidfd: int) -> int | None:
     if not struct.unpack_from("=Q", info, 0)[0] & _PIDFD_INFO_EXIT:
         return None
     return int(struct.unpack_from("=i", info, 60)[0])
-
-
-# A copy of the host forked (without exec) while a job's pipes are open at both ends
-# would hold the write end of the job's output: end of output would then wait for that
-# copy, and the job's stdin would never see EOF. Forks in other threads therefore wait
-# (os.register_at_fork, in the parent) while a spawn holds both ends. The section under
-# this lock only makes pipes and calls posix_spawn: no logging, no other lock.
-spawn_lock = threading.RLock()
-
-#: Environment variable that marks every process of a job with the job's identity.
-JOB_MARKER_VAR = "RUNNER_SPAWN_JOB"
-_fork_hooks_registered = False
-
-
-def hold_forks_during_spawns() -> None:
-    global _fork_hooks_registered
-    with _children_lock:
-        if not _fork_hooks_registered:
-            os.register_at_fork(
-                before=spawn_lock.acquire,
-                after_in_parent=spawn_lock.release,
-                after_in_child=spawn_lock.release,
-            )
-            _fork_hooks_registered = True
 
 
 _children: weakref.WeakValueDictionary[int, Child] = weakref.WeakValueDictionary()
@@ -168,16 +122,16 @@ class Child:
         the job gets the terminal instead of pipes (see :func:`_terminal_stdio`)."""
         # Every process of the job inherits this variable (forks and execs alike), so
         # end_tree() can find the ones that left the job's tree of parents, and the
-        # watchdog can end them all if this process dies (_watchdog).
-        self.marker = _watchdog.new_marker()
+        # watchdog can end them all if this process dies (_watchdog_client).
+        self.marker = _watchdog_client.new_marker()
         env = {**env, JOB_MARKER_VAR: self.marker}
         exe, spawn_argv = argv[0], list(argv)
         if cwd is not None:
             exe, spawn_argv = SHELL, [SHELL, "-c", _CD_AND_EXEC, cwd, *argv]
         hold_forks_during_spawns()
-        left_open: list[int] = []  # inheritable fds the job keeps (see _inheritable_fds)
-        _watchdog.watch(self.marker)
-        with spawn_lock, _watchdog.unwatch_on_error(self.marker):
+        left_open: list[int] = []  # inheritable fds the job keeps (see _launch.inheritable_fds)
+        _watchdog_client.watch(self.marker)  # returns once a watchdog holds the marker
+        with spawn_lock, _watchdog_client.unwatch_on_error(self.marker):
             stdin_r = stdout_w = -1
             if tty is not None:
                 self.stdout_fd, self.stdin_fd, stdio = _terminal_stdio(*tty)
@@ -195,19 +149,8 @@ class Child:
                     (os.POSIX_SPAWN_DUP2, stdout_w, 2),
                 ]
             try:
-                self.pid = os.posix_spawn(
-                    exe,
-                    spawn_argv,
-                    env,
-                    file_actions=[
-                        *stdio,
-                        # As close_fds=True in subprocess and ptyprocess: the job gets 0-2 only.
-                        *((os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds(left_open)),
-                    ],
-                    setsid=True,
-                    setsigdef=_DEFAULT_SIGNALS,
-                    setsigmask=(),
-                )
+                # As close_fds=True in subprocess and ptyprocess: the job gets 0-2 only.
+                self.pid = spawn_in_session(exe, spawn_argv, env, stdio, left_open)
             except BaseException:
                 close_fd(self.stdin_fd)
                 close_fd(self.stdout_fd)
@@ -231,7 +174,7 @@ class Child:
                 os.killpg(self.pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self.pid, 0)
-            _watchdog.unwatch(self.marker)
+            _watchdog_client.unwatch(self.marker)
             close_fd(self.stdin_fd)
             close_fd(self.stdout_fd)
             raise
@@ -295,7 +238,7 @@ class Child:
         with _children_lock:
             if _children.get(self.pid) is self:
                 del _children[self.pid]
-        _watchdog.unwatch(self.marker)
+        _watchdog_client.unwatch(self.marker)
         return self.exit
 
     def _pid_is_ours(self) -> bool:
