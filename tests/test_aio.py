@@ -260,11 +260,12 @@ def test_stream_slow_consumer_gets_every_event_in_order(job_dir: JobDir) -> None
                 got.append(event)
                 if len(got) == 1:
                     # Stall: the runner thread fills the queue (2), then holds the next event.
-                    for _ in range(600):
+                    for _ in range(1200):
                         if handed_over[0] >= 4:
                             break
                         await asyncio.sleep(0.05)
-                    await asyncio.sleep(0.2)
+                    assert handed_over[0] >= 4, "the runner thread did not fill the queue"
+                    await asyncio.sleep(0.2)  # not a wait: room for the thread to (wrongly) go further
                 ahead.append(handed_over[0] - len(got))
                 await asyncio.sleep(0.02)
         return got, ahead, job.runner
@@ -318,6 +319,11 @@ def test_stream_consumer_leaving_early_cancels_job(job_dir: JobDir, how: str) ->
             await asyncio.wait_for(first.wait(), 60)
             assert await until_napping(before)
             # One event taken, one queued, the third held in the runner thread: it waits.
+            # (The task's process may run before the runner thread has read its events.)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while handed_over[0] < 3 and loop.time() < deadline:
+                await asyncio.sleep(0.02)
             assert handed_over[0] == 3
             task.cancel()
             with pytest.raises(asyncio.CancelledError):

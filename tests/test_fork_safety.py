@@ -31,7 +31,9 @@ hazard = bench.load("hazard")
 def test_harness_detects_stock_pexpect_hang(mechanism: str) -> None:
     # Stock hangs on roughly 10-50% of spawns here; 80 tries without one would be a
     # harness that has stopped reproducing the hazard. The batch ends at the first hang.
-    r = hazard.run_batch("pexpect.spawn", mechanism, spawns=80, watchdog=1.0, stop_after_hangs=1, timeout=100)
+    # A hang lasts until the harness kills the stuck copy: a watchdog of 3 s, not 1, keeps
+    # a spawn that is only slow on a loaded machine from counting as one.
+    r = hazard.run_batch("pexpect.spawn", mechanism, spawns=80, watchdog=3.0, stop_after_hangs=1, timeout=110)
     assert r.hangs == 1, r
     assert r.killed >= 1, r  # the stuck forked copy was found and killed
 
@@ -39,7 +41,9 @@ def test_harness_detects_stock_pexpect_hang(mechanism: str) -> None:
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("mechanism", hazard.MECHANISMS)
 def test_runner_spawn_never_hangs(mechanism: str) -> None:
-    r = hazard.run_batch("RunnerSpawn", mechanism, spawns=200, watchdog=3.0, timeout=150)
+    # A hang never ends by itself: 30 s before a spawn counts as one tells a hang from a
+    # spawn that is slow because the machine is busy.
+    r = hazard.run_batch("RunnerSpawn", mechanism, spawns=200, watchdog=30.0, timeout=150)
     assert (r.spawns, r.hangs, r.errors, r.killed) == (200, 0, 0, 0), r
 
 
@@ -86,18 +90,23 @@ def test_no_python_fork_callback_during_patched_run(job_dir: JobDir) -> None:
 
 @pytest.mark.filterwarnings("ignore:.*multi-threaded.*:DeprecationWarning")
 def test_concurrent_fork_of_host_cannot_block_spawn() -> None:
-    """A host thread keeps forking (multiprocessing "fork") while another spawns 50 children."""
+    """A host thread keeps forking (multiprocessing "fork") while another spawns 50 children.
+
+    The forked copies live until the test lets them go: a spawn that waited for one of
+    them would never finish, and the spawning thread would still be blocked.
+    """
     ctx = multiprocessing.get_context("fork")
+    release = ctx.Event()
     stop = threading.Event()
     forked: list[BaseProcess] = []
     fork_times: list[float] = []
-    results: list[tuple[int, float, str, int | None, int | None]] = []
+    results: list[tuple[int, str, int | None, int | None]] = []
     failures: list[BaseException] = []
 
     def keep_forking() -> None:
         try:
-            while not stop.is_set():
-                p = ctx.Process(target=time.sleep, args=(10,), daemon=True)
+            while not stop.is_set() and len(forked) < 1000:
+                p = ctx.Process(target=release.wait, args=(150,), daemon=True)
                 p.start()
                 forked.append(p)
                 fork_times.append(time.monotonic())
@@ -109,12 +118,10 @@ def test_concurrent_fork_of_host_cannot_block_spawn() -> None:
         try:
             for i in range(50):
                 cmd, args = ("echo", [f"child-{i}-" + "x" * 200]) if i % 3 else ("false", [])
-                t0 = time.monotonic()
                 child = RunnerSpawn(cmd, args, encoding="utf-8", timeout=30)
-                spawned = time.monotonic() - t0
                 child.expect(pexpect.EOF)
                 child.close()
-                results.append((i, spawned, str(child.before), child.exitstatus, child.signalstatus))
+                results.append((i, str(child.before), child.exitstatus, child.signalstatus))
         except BaseException as e:  # pragma: no cover - reported by the assert below
             failures.append(e)
 
@@ -128,11 +135,12 @@ def test_concurrent_fork_of_host_cannot_block_spawn() -> None:
         spawner.start()
         spawner.join(60)
         end = time.monotonic()
+        blocked = spawner.is_alive()
     finally:
         stop.set()
         forker.join(30)
-        for p in forked:
-            p.terminate()
+        release.set()  # a blocked spawn, if any, ends with the copies
+        spawner.join(60)
         for p in forked:
             p.join(5)
             if p.exitcode is None:  # pragma: no cover
@@ -140,11 +148,10 @@ def test_concurrent_fork_of_host_cannot_block_spawn() -> None:
                 p.join(5)
             p.close()
     assert not failures, failures
-    assert not spawner.is_alive(), "spawning thread still blocked after 60 s"
+    assert not blocked, "spawning thread still blocked after 60 s: a spawn waited for a forked copy"
     assert sum(start <= t <= end for t in fork_times) >= 5, "the host did not fork while spawning"
     assert len(results) == 50
-    for i, spawned, out, exitstatus, signalstatus in results:
-        assert spawned < 1.0, f"spawn {i} took {spawned:.2f}s"
+    for i, out, exitstatus, signalstatus in results:
         if i % 3:
             assert (out, exitstatus, signalstatus) == (f"child-{i}-" + "x" * 200 + "\n", 0, None)
         else:
