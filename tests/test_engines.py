@@ -71,12 +71,14 @@ def results_table(request: pytest.FixtureRequest) -> Iterator[None]:
     """Print the stock-vs-patched table after the module (job processes left 2 s after the end)."""
     yield
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is None or not TABLE.rows:
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None or capture is None or not TABLE.rows:
         return
-    reporter.write_line("")
-    reporter.write_line(f"task engines, Python {sys.version.split()[0]}: scenario | stock | patched")
-    for scenario, cells in TABLE.rows.items():
-        reporter.write_line(f"  {scenario} | {cells.get('stock', '-')} | {cells.get('patched', '-')}")
+    with capture.global_and_fixture_disabled():
+        reporter.write_line("")
+        reporter.write_line(f"task engines, Python {sys.version.split()[0]}: scenario | stock | patched")
+        for scenario, cells in TABLE.rows.items():
+            reporter.write_line(f"  {scenario} | {cells.get('stock', '-')} | {cells.get('patched', '-')}")
 
 
 # --------------------------------------------------------------------------- services
@@ -103,7 +105,7 @@ def no_leftover_processes() -> Iterator[None]:
     for service in _services:
         owned.update(service.tree())
     new = {p: s for p, s in procs.descendants().items() if p not in before and p not in owned}
-    left = procs.wait_gone(new, 3.0)
+    left = procs.wait_gone(new, 30.0)
     procs.kill_all(left)
     assert not left, f"test left processes running: {sorted(left)}"
 
@@ -203,9 +205,15 @@ def rq_workers(redis_url: str, workdir: Path) -> Iterator[dict[str, Service]]:
     """``rq worker`` (stock) and tests/engines/rq_worker.py (patched), one queue each."""
     rq_cli = os.path.join(os.path.dirname(sys.executable), "rq")
     workers = {
-        "stock": start(Service("rq-stock", [rq_cli, "worker", "-u", redis_url, RQ_QUEUES["stock"]], workdir / "rq-stock.log")),
+        "stock": start(
+            Service("rq-stock", [rq_cli, "worker", "-u", redis_url, RQ_QUEUES["stock"]], workdir / "rq-stock.log")
+        ),
         "patched": start(
-            python_service("rq-patched", ["-m", "tests.engines.rq_worker", redis_url, RQ_QUEUES["patched"]], workdir / "rq-patched.log")
+            python_service(
+                "rq-patched",
+                ["-m", "tests.engines.rq_worker", redis_url, RQ_QUEUES["patched"]],
+                workdir / "rq-patched.log",
+            )
         ),
     }
     for w in workers.values():
@@ -410,7 +418,10 @@ def dask_clusters(workdir: Path) -> Iterator[dict[str, tuple[Service, str]]]:
     services = {
         mode: start(
             python_service(
-                f"dask-{mode}", ["-m", "tests.engines.dask_cluster", str(CONCURRENT)], workdir / f"dask-{mode}.log", WARN_ENV
+                f"dask-{mode}",
+                ["-m", "tests.engines.dask_cluster", str(CONCURRENT)],
+                workdir / f"dask-{mode}.log",
+                WARN_ENV,
             )
         )
         for mode in MODES
@@ -452,7 +463,7 @@ def snippet(name: str) -> str:
     text = (REPO / "tests" / "engines" / name).read_text()
     found = re.search(r"# --8<-- \[start:install\]\n(.*?)# --8<-- \[end:install\]\n", text, re.S)
     assert found is not None, f"{name}: no install snippet"
-    return found.group(1)
+    return found.group(1).strip() + "\n"
 
 
 @pytest.mark.parametrize("name", SNIPPET_FILES)

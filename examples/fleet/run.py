@@ -33,6 +33,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 PLAYBOOKS = HERE / "playbooks"
+WORKER_FLAGS = ["-l", "INFO", "--without-heartbeat", "--without-gossip", "--without-mingle"]
 TIME_LIMIT = 10  # seconds: the stuck job's hard time limit
 
 #: (job name, playbook, localhost aliases, expected Celery state, apply_async options)
@@ -80,10 +81,8 @@ def stop(proc: subprocess.Popen[bytes], grace: float = 15.0) -> None:
     """SIGTERM (Celery: warm shutdown), then SIGKILL to its process group after ``grace`` s."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)  # the group we started it in (pool processes)
     proc.wait()
@@ -92,7 +91,9 @@ def stop(proc: subprocess.Popen[bytes], grace: float = 15.0) -> None:
 def describe(result: Any) -> str:
     value = result.result
     if isinstance(value, dict):
-        return f"{value['status']}, rc {value['rc']}, {value['events']} events, {value['seconds']} s on {value['worker']}"
+        return (
+            f"{value['status']}, rc {value['rc']}, {value['events']} events, {value['seconds']} s on {value['worker']}"
+        )
     return f"{type(value).__name__}: {value}"
 
 
@@ -110,8 +111,19 @@ def run_fleet(workers: int, tmp: Path) -> int:
     try:
         with open(tmp / "redis.log", "wb") as log:
             redis = subprocess.Popen(
-                [redis_exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
-                + ["--dir", str(tmp)],
+                [
+                    redis_exe,
+                    "--bind",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    tmp,
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -121,8 +133,7 @@ def run_fleet(workers: int, tmp: Path) -> int:
         wait_for_text(tmp / "redis.log", "Ready to accept connections", redis, 30)
         with open(tmp / "worker.log", "wb") as log:
             worker = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-c", str(workers), "-l", "INFO"]
-                + ["--without-heartbeat", "--without-gossip", "--without-mingle"],
+                [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-c", str(workers), *WORKER_FLAGS],
                 cwd=HERE,
                 env=env,
                 stdout=log,

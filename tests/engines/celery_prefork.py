@@ -2,13 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from tests.engines.celery_app import make_app
-from tests.engines.jobs import run_job
-
-app = make_app(__name__)
-
 # --8<-- [start:install]
 from celery.signals import worker_process_init
 
@@ -17,8 +10,18 @@ import runner_spawn
 
 @worker_process_init.connect
 def install_runner_spawn(**kwargs: object) -> None:
-    runner_spawn.install()  # in each pool process, as it starts (replacements too)
+    runner_spawn.install()  # in each pool process as it starts, replacements included
+
+
 # --8<-- [end:install]
+
+
+from typing import Any  # noqa: E402
+
+from tests.engines.celery_app import make_app  # noqa: E402
+from tests.engines.jobs import run_job  # noqa: E402
+
+app = make_app(__name__)
 
 
 @app.task(name="run_playbook")

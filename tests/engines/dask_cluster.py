@@ -1,6 +1,6 @@
 """A Dask LocalCluster whose worker runs tasks in threads; prints its address, runs until SIGTERM.
 
-    python -m tests.engines.dask_cluster THREADS
+python -m tests.engines.dask_cluster THREADS
 """
 
 from __future__ import annotations

@@ -27,7 +27,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(condition: Callable[[], object], timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_for(
+    condition: Callable[[], object], timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     """Poll ``condition`` until true; fail with ``what`` after ``timeout`` or if ``proc`` exits."""
     deadline = time.monotonic() + timeout
     while not condition():
@@ -88,7 +90,19 @@ def start_redis(directory: Path) -> tuple[Service, str]:
         raise FileNotFoundError(REDIS_ADVICE)
     port = free_port()
     directory.mkdir(parents=True, exist_ok=True)
-    argv = [exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(directory)]
+    argv = [
+        exe,
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(directory),
+    ]
     redis = Service("redis-server", argv, directory / "redis.log")
     redis.wait_output("Ready to accept connections", 30)
     return redis, f"redis://127.0.0.1:{port}/0"
