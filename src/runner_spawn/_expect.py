@@ -26,12 +26,46 @@ else:
 class ExpectRouting:
     """Mixin for a pexpect spawn with an ``_output`` stream and a ``max_unmatched`` bound."""
 
+    def _end_on_unwind(self) -> None:
+        """Called when an exception other than EOF or TIMEOUT leaves an expect method.
+
+        The spawn ends its job here (see ``RunnerSpawn``); it must never raise.
+        """
+
+    def expect(
+        self,
+        pattern: Any,
+        timeout: float | None = -1,
+        searchwindowsize: int | None = -1,
+        async_: bool = False,
+        **kw: Any,
+    ) -> Any:
+        """As pexpect's; any exception but EOF or TIMEOUT leaving it first ends the job."""
+        base: Any = SpawnBase
+        try:
+            return base.expect(self, pattern, timeout, searchwindowsize, async_, **kw)
+        except (EOF, TIMEOUT):
+            raise
+        except BaseException:
+            self._end_on_unwind()
+            raise
+
     def expect_loop(self, searcher: Any, timeout: float | None = -1, searchwindowsize: int | None = -1) -> int:
-        """pexpect's expect loop; output the child already wrote is never cut by timeout."""
+        """pexpect's expect loop; output the child already wrote is never cut by timeout.
+
+        Any exception but EOF or TIMEOUT leaving it (a signal handler's, the
+        ``logfile_read``'s) first ends the job through :meth:`_end_on_unwind`.
+        """
         spawn: Any = self  # the spawn this class is mixed into
-        if timeout == -1:
-            timeout = spawn.timeout
-        return _Expecter(spawn, searcher, searchwindowsize).expect_loop(timeout)
+        try:
+            if timeout == -1:
+                timeout = spawn.timeout
+            return _Expecter(spawn, searcher, searchwindowsize).expect_loop(timeout)
+        except (EOF, TIMEOUT):
+            raise
+        except BaseException:
+            self._end_on_unwind()
+            raise
 
     # pexpect's expect(), expect_list() and expect_exact() build a plain Expecter and
     # never call expect_loop(); these two route them through it.

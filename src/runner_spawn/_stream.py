@@ -54,14 +54,17 @@ CUT_SLICE = 512
 class OutputStream:
     """The output of one job (a :class:`~runner_spawn._child.Child`), read in chunks.
 
-    ``read_chunk`` makes one read of the child's output fd and returns b"" at its end
-    (a terminal spawn maps EIO to b""). ``encoding`` None hands over bytes.
+    ``read_chunk(fd)`` makes one read of the child's output fd and returns b"" at its
+    end (a terminal spawn maps EIO to b""). It must not hold a reference to the spawn
+    that owns this stream (a plain function, not a bound method): the spawn would then
+    be freed only by a cyclic collection, not when its last reference goes, and a job
+    whose spawn was dropped would run on until then. ``encoding`` None hands over bytes.
     """
 
     def __init__(
         self,
         child: Child,
-        read_chunk: Callable[[], bytes],
+        read_chunk: Callable[[int], bytes],
         encoding: str | None,
         codec_errors: str,
         drain_grace: float,
@@ -205,7 +208,7 @@ class OutputStream:
                 fds = [child.exit_fd] if self._pipe_eof else [child.stdout_fd, child.exit_fd]
                 ready = wait_readable(fds, left)
                 if child.stdout_fd in ready:
-                    data = self._read_chunk()
+                    data = self._read_chunk(child.stdout_fd)
                     if data:
                         return data
                     self._pipe_eof = True  # the child may live on with its output closed
@@ -226,7 +229,7 @@ class OutputStream:
                     return b""
                 wait = grace_left if left is None else min(grace_left, left)
             if wait_readable([child.stdout_fd], wait):
-                data = self._read_chunk()
+                data = self._read_chunk(child.stdout_fd)
                 if not data:
                     self._pipe_eof = True
                     return b""

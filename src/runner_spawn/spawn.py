@@ -34,6 +34,7 @@ from pexpect.utils import split_command_line, which
 from . import _child, _container, _tree
 from ._expect import ExpectRouting
 from ._stream import OutputStream
+from .termination import end_job_shielded
 
 log = logging.getLogger("runner_spawn")
 
@@ -143,7 +144,9 @@ class RunnerSpawn(ExpectRouting, _PopenSpawnBase):
         self.child_fd = self._child.stdout_fd
         self.closed = False
         self.terminated = False
-        self._output = OutputStream(self._child, self._read_output, encoding, codec_errors, drain_grace)
+        # A plain function, not a bound method: the stream must not hold the spawn
+        # (a cycle would keep a dropped spawn, and its job, alive until a cyclic collection).
+        self._output = OutputStream(self._child, type(self)._read_fd, encoding, codec_errors, drain_grace)
 
     def _start_child(self, argv: list[str], env: dict[str, str], workdir: str | None) -> _child.Child:
         """Start the child process (on pipes); subclasses give it other stdio."""
@@ -151,33 +154,45 @@ class RunnerSpawn(ExpectRouting, _PopenSpawnBase):
 
     # --- reading ---------------------------------------------------------------------
 
-    def _read_output(self) -> bytes:
+    @staticmethod
+    def _read_fd(fd: int) -> bytes:
         """One read of the child's output fd: b"" at its end."""
-        return os.read(self._child.stdout_fd, READ_CHUNK)
+        return os.read(fd, READ_CHUNK)
+
+    def _end_on_unwind(self, why: str = "an exception is leaving the supervising loop") -> None:
+        """An exception is leaving the supervising loop (``why``): end the job's whole tree first.
+
+        Bounded and never raising (:func:`~runner_spawn.termination.end_job_shielded`);
+        nothing is done when the child has already exited.
+        """
+        child = getattr(self, "_child", None)
+        if child is not None and not self.terminated:
+            end_job_shielded(child, self.delayafterterminate, why)
 
     def read_nonblocking(self, size: int = 1, timeout: float | None = -1) -> Any:
         """Return up to ``size`` characters, waiting at most ``timeout`` for output.
 
         Raises TIMEOUT when nothing arrives in time and EOF once the output has
-        ended, by the rules of :mod:`runner_spawn._stream`. If ``logfile_read``
-        raises (Runner's artifact on a full disk, an event handler's error), the job
-        is ended with :meth:`terminate` (``force=True``) before the error goes on:
-        ``Runner.run()`` lets it out of its loop and never reads or closes the job
-        again, so the job would otherwise run on unread.
+        ended, by the rules of :mod:`runner_spawn._stream`. Any other exception
+        (``logfile_read`` raising on a full disk or in an event handler, a signal
+        handler raising while this waits) ends the job's whole tree before it goes
+        on: ``Runner.run()`` lets it out of its loop and never reads or closes the
+        job again, so the job would otherwise run on unread.
         """
-        if timeout == -1:
-            timeout = self.timeout
-        text = self._output.take(size, timeout)
-        if text is None:
-            raise TIMEOUT("Timeout exceeded.")
-        if not text:
-            self.flag_eof = True
-            raise EOF("End Of File (EOF).")
         try:
+            if timeout == -1:
+                timeout = self.timeout
+            text = self._output.take(size, timeout)
+            if text is None:
+                raise TIMEOUT("Timeout exceeded.")
+            if not text:
+                self.flag_eof = True
+                raise EOF("End Of File (EOF).")
             self._write_logs(text, self.logfile_read)
+        except (EOF, TIMEOUT):
+            raise
         except BaseException:
-            log.warning("pid %d: logfile_read raised; ending the job, whose output nobody will read", self.pid)
-            self.terminate(force=True)
+            self._end_on_unwind()
             raise
         return text
 
@@ -210,7 +225,11 @@ class RunnerSpawn(ExpectRouting, _PopenSpawnBase):
         """
         if self.terminated:
             return False
-        status = self._child.reap(block=False)
+        try:
+            status = self._child.reap(block=False)
+        except BaseException:
+            self._end_on_unwind()
+            raise
         if status is None:
             return True
         self._record_exit(status)
@@ -295,10 +314,12 @@ class RunnerSpawn(ExpectRouting, _PopenSpawnBase):
         self.closed = True
 
     def __del__(self) -> None:
-        # As ptyprocess: a spawn that is dropped while open is closed (and its child
-        # ended) so that no fd or zombie is left behind.
+        # As ptyprocess: a spawn that is dropped while open is closed (and its job
+        # ended) so that no process, fd or zombie is left behind. Nothing holds the
+        # spawn but its users, so this runs when the last reference goes.
         if not getattr(self, "closed", True) and hasattr(self, "_child"):
             with contextlib.suppress(Exception):
+                self._end_on_unwind("the spawn was dropped")
                 self.close()
 
     def isatty(self) -> bool:

@@ -153,10 +153,11 @@ class TerminalSpawn(RunnerSpawn):
                 if not handed_over:
                     os.close(master)
 
-    def _read_output(self) -> bytes:
+    @staticmethod
+    def _read_fd(fd: int) -> bytes:
         """One read of the master; EIO means every slave fd is closed: end of output."""
         try:
-            return super()._read_output()
+            return RunnerSpawn._read_fd(fd)
         except OSError as e:
             if e.errno == errno.EIO:
                 return b""
