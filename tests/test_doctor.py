@@ -39,6 +39,18 @@ def fake_dist(root: Path, name: str, version: str) -> None:
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
 
 
+def assert_table_aligned(report: str) -> None:
+    """Every column of the version table starts at the same offset on every row."""
+    lines = report.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:1] == ["component"])
+    header, rows = lines[start], lines[start + 1 : start + 5]
+    offsets = [header.index(word) for word in ("version", "verdict", "supported", "note")]
+    for row in rows:
+        for offset in offsets:
+            if offset < len(row):
+                assert row[offset - 2 : offset] == "  " and row[offset] != " ", (offset, row, header)
+
+
 @pytest.mark.parametrize("args", [[], ["doctor"]])
 def test_doctor_reports_versions_and_passes(args: list[str]) -> None:
     proc = run_module(*args)
@@ -66,7 +78,9 @@ def test_doctor_fails_on_unsupported_runner_version(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
     proc = run_module(env=env)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "ansible-runner  2.2.1        unsupported" in proc.stdout
+    assert_table_aligned(proc.stdout)
+    row = next(line for line in proc.stdout.splitlines() if line.split()[:1] == ["ansible-runner"])
+    assert row.split()[1:4] == ["2.2.1", "unsupported", ">=2.3,<2.5"], row
     assert "self-test: skipped (unsupported: ansible-runner)" in proc.stdout
     assert "result: FAILED (ansible-runner)" in proc.stdout
 
@@ -75,14 +89,16 @@ def test_doctor_in_process_with_lookup() -> None:
     real = doctor.installed_version
     out = io.StringIO()
     assert doctor.run(out, lookup=lambda name: "4.7.0" if name == "pexpect" else real(name)) == 1
-    assert "pexpect         4.7.0        unsupported outside the supported range (supported: >=4.8,<5)" in (
-        out.getvalue()
-    )
+    row = next(line for line in out.getvalue().splitlines() if line.split()[:1] == ["pexpect"])
+    assert row.split() == ["pexpect", "4.7.0", "unsupported", ">=4.8,<5", "outside", "the", "supported", "range"]
+    assert_table_aligned(out.getvalue())
     assert "result: FAILED (pexpect)" in out.getvalue()
 
     out = io.StringIO()
     assert doctor.run(out, lookup=lambda name: None if name == "ansible-core" else real(name)) == 0
-    assert "ansible-core    -            absent      not installed here" in out.getvalue()
+    row = next(line for line in out.getvalue().splitlines() if line.split()[:1] == ["ansible-core"])
+    assert row.split()[1:4] == ["-", "absent", ">=2.15"] and "not installed here" in row
+    assert_table_aligned(out.getvalue())
     assert "result: OK" in out.getvalue()
     assert not runner_spawn.is_installed()
 

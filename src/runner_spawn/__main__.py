@@ -3,6 +3,10 @@
 - ``python -m runner_spawn`` or ``python -m runner_spawn doctor``: see :mod:`runner_spawn.doctor`.
 - ``python -m runner_spawn ansible-runner ARGS...``: ``ansible-runner ARGS...`` with
   jobs spawned by runner-spawn (:func:`runner_spawn.cli.main`).
+- ``python -m runner_spawn run [--terminal] [--strict] -- COMMAND ARGS...``: COMMAND with
+  runner-spawn activated in its Python processes (:mod:`runner_spawn.launch`).
+
+The console script ``runner-spawn`` is the same as ``python -m runner_spawn``.
 """
 
 from __future__ import annotations
@@ -10,11 +14,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-USAGE = """usage: python -m runner_spawn [doctor [-h]]
-       python -m runner_spawn ansible-runner ARGS...
+USAGE = """usage: runner-spawn [doctor [-h]]
+       runner-spawn ansible-runner ARGS...
+       runner-spawn run [--terminal] [--strict] [--] COMMAND [ARGS...]
+(or python -m runner_spawn ...)
 
-  doctor          check versions and run a self-test spawn (the default)
+  doctor          check versions, activation and run a self-test spawn (the default)
   ansible-runner  run ansible-runner's command line with runner-spawn installed
+  run             run COMMAND with runner-spawn activated in its Python processes
 """
 
 
@@ -31,10 +38,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         status = cli.main(args)
         return status if isinstance(status, int) else 0
+    if command == "run":
+        from . import launch
+
+        return launch.main(args)
     if command in ("-h", "--help"):
         sys.stdout.write(USAGE)
         return 0
-    sys.stderr.write(f"{USAGE}\npython -m runner_spawn: unknown command {command!r}\n")
+    sys.stderr.write(f"{USAGE}\nrunner-spawn: unknown command {command!r}\n")
     return 2
 
 

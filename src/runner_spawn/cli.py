@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from .activation import requested_terminal
 from .patch import UnsupportedRunnerError, install
 
 
@@ -30,12 +31,14 @@ def main(argv: Sequence[str]) -> int:
     ``argv`` is what follows ``ansible-runner`` on its command line, e.g.
     ``["run", "/srv/job", "-p", "site.yml"]``. When the patch cannot be installed
     (an unsupported ansible-runner), nothing runs: the reason goes to stderr and the
-    exit status is 1.
+    exit status is 1. The mode is pipe, or terminal when RUNNER_SPAWN_ACTIVATE says so.
     """
     try:
-        install()
+        # RUNNER_SPAWN_ACTIVATE=terminal (e.g. under ``runner-spawn run --terminal``) may
+        # have installed terminal mode on import already; ask for the same mode.
+        install(terminal=requested_terminal())
     except UnsupportedRunnerError as e:
-        print(f"runner-spawn: {e}", file=sys.stderr)
+        print(e, file=sys.stderr)  # the message starts with "runner-spawn"
         return 1
     from ansible_runner.__main__ import main as runner_main  # only needed here: keep importing cli cheap
 

@@ -105,16 +105,27 @@ def install(*, terminal: bool = False) -> None:
     Installing again in the same mode does nothing; in the other mode it raises
     RuntimeError: call :func:`uninstall` first.
     """
+    _install(terminal=terminal)
+
+
+def _install(*, terminal: bool, spawn: type[RunnerSpawn] | None = None, by: str = "install()") -> None:
+    """:func:`install`, with the spawn class Runner gets (default: by mode) and who asked.
+
+    ``runner_spawn.activation`` passes a class that keeps its variables out of jobs.
+    """
     with _lock:
+        if not _originals:
+            check_runner_version()
+            # The first import of ansible_runner.runner may activate runner-spawn
+            # (runner_spawn.activation), which installs through here, in this thread.
+            module = importlib.import_module("ansible_runner.runner")
         if _originals:
             if _originals["terminal"] != terminal:
                 raise RuntimeError(
-                    f"runner-spawn is already installed in {_mode(_originals['terminal'])} mode; "
-                    f"call runner_spawn.uninstall() before install(terminal={terminal})."
+                    f"runner-spawn is already installed in {_mode(_originals['terminal'])} mode "
+                    f"(by {_originals['by']}); call runner_spawn.uninstall() before install(terminal={terminal})."
                 )
             return
-        check_runner_version()
-        module = importlib.import_module("ansible_runner.runner")
         _check_runner_shape(module)
         view = _PexpectView("pexpect", doc="pexpect as seen by ansible_runner.runner (runner-spawn)")
         runner_cls = module.Runner
@@ -122,7 +133,10 @@ def install(*, terminal: bool = False) -> None:
         _originals["pexpect"] = module.pexpect
         _originals["handle_termination"] = vars(runner_cls)["handle_termination"]
         _originals["terminal"] = terminal
-        if terminal:
+        _originals["by"] = by
+        if spawn is not None:
+            view.spawn = spawn
+        elif terminal:
             view.spawn = TerminalSpawn
         setattr(module, "pexpect", view)  # noqa: B010 - a module attribute, set by name
         runner_cls.handle_termination = classmethod(_terminate)
@@ -143,3 +157,9 @@ def is_installed() -> bool:
     """Whether ansible-runner currently spawns through RunnerSpawn."""
     with _lock:
         return bool(_originals)
+
+
+def installed_by() -> tuple[str, bool] | None:
+    """(who installed the patch, terminal mode) while installed, else None."""
+    with _lock:
+        return (_originals["by"], _originals["terminal"]) if _originals else None
