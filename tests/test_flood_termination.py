@@ -399,9 +399,10 @@ def test_spawn_sink_error_ends_the_whole_tree(kind: str) -> None:
 def test_spawn_terminate_force_ends_the_whole_tree() -> None:
     before = procs.descendants()
     child = RunnerSpawn("sh", ["-c", "setsid sleep 60 & exec sleep 60"], **RUNNER_KW)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while len(procs.descendants().keys() - before.keys()) < 2 and time.monotonic() < deadline:
         time.sleep(0.02)
+    assert len(procs.descendants().keys() - before.keys()) >= 2, "the job's two sleeps did not start"
     assert child.terminate(force=True)
     assert procs.alive(procs.descendants()).keys() <= before.keys()
     assert (child.exitstatus, child.signalstatus) == (None, 15)
