@@ -53,7 +53,7 @@ class Service:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,  # a ^C in the terminal reaches pytest, which stops us
+                start_new_session=True,  # a ^C in a terminal reaches pytest only; its fixtures stop us
             )
         self.pid = self.proc.pid
 
@@ -62,7 +62,8 @@ class Service:
 
     def tree(self) -> dict[int, int]:
         """{pid: start} of this service and everything below it."""
-        root = procs.alive({self.pid: procs.stat(self.pid)[2]}) if procs.stat(self.pid) else {}
+        st = procs.stat(self.pid)
+        root = {self.pid: st[2]} if st is not None and st[3] != "Z" else {}
         return {**root, **procs.descendants(self.pid)}
 
     def wait_output(self, text: str, timeout: float) -> None:
