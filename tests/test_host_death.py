@@ -10,12 +10,15 @@ started and is still running at its end is killed by pid (``started`` fixture).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import queue
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import Iterator
@@ -464,6 +467,22 @@ def test_opt_out_starts_no_watchdog(started: Started) -> None:
     job = one(answer["pid"])
     host.kill()
     assert procs.wait_gone(job, 1.0) == job  # nothing ends it; the fixture does
+
+
+def test_watch_returns_once_the_watchdog_has_read_the_marker() -> None:
+    """watch() waits for the watchdog's answer: by then nothing the host sent is unread."""
+    assert _watchdog_client.watchdog_pid() is not None  # conftest started it for this process
+    sock = _watchdog_client._sock
+    assert sock is not None
+
+    def unread() -> int:  # bytes this process sent that the watchdog has not read yet
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0])
+
+    for _ in range(20):
+        marker = _watchdog_client.new_marker()
+        _watchdog_client.watch(marker)
+        assert unread() == 0, "watch() returned before the watchdog read the marker"
+        _watchdog_client.unwatch(marker)
 
 
 def test_reaped_and_failed_jobs_are_unwatched() -> None:

@@ -95,12 +95,15 @@ def watch(marker: str) -> None:
     """
     if os.environ.get(OPT_OUT_VAR) == "0":
         return
+    replaced = None
     with spawn_lock:
         _active.add(marker)
         try:
-            problem = _register(marker)
+            replaced, problem = _register(marker)
         except Exception as e:  # a job never fails because of its watchdog
             problem = f"{type(e).__name__}: {e}"
+    if replaced:  # logged outside spawn_lock
+        log.info("%s: replaced at the start of job %s", replaced, marker)
     if problem:
         log.warning("no watchdog confirmed job %s: it may outlive this process if this dies (%s)", marker, problem)
 
@@ -143,13 +146,18 @@ def ensure_started() -> int | None:
     return watchdog_pid()
 
 
-def _register(marker: str) -> str | None:
-    """Have a live watchdog confirm ``marker`` (under spawn_lock); an error text or None."""
+def _register(marker: str) -> tuple[str | None, str | None]:
+    """Have a live watchdog confirm ``marker`` (under spawn_lock): (what was replaced and
+    why, or None; an error text, or None once confirmed)."""
+    replaced = None
     if _alive():
-        if _deliver(f"+{marker}", answer=True, wait=ANSWER_WAIT) is None:
-            return None
+        pid = _pid
+        failed = _deliver(f"+{marker}", answer=True, wait=ANSWER_WAIT)
+        if failed is None:
+            return None, None
+        replaced = f"watchdog pid {pid}: {failed.text}"
         _discard(kill=True)  # gone, or silent: a new one gets every running job
-    return _start()
+    return replaced, _start()
 
 
 def _poll(fd: int, events: int, deadline: float) -> bool:
