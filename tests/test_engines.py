@@ -12,6 +12,7 @@ without them the tests skip, and with ``RUNNER_SPAWN_ENGINES=required`` (CI) the
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -81,14 +82,23 @@ def results_table(request: pytest.FixtureRequest) -> Iterator[None]:
 _services: list[Service] = []
 
 
-def start(service: Service) -> Service:
+@contextlib.contextmanager
+def services() -> Iterator[list[Service]]:
+    """Services started in the block (add them to the list it gives): stopped at its end,
+    and if it fails part way (a worker that does not come up) too."""
+    started: list[Service] = []
+    try:
+        yield started
+    finally:
+        for service in started:
+            service.stop()
+            _services.remove(service)
+
+
+def start(group: list[Service], service: Service) -> Service:
+    group.append(service)
     _services.append(service)
     return service
-
-
-def stop(service: Service) -> None:
-    service.stop()
-    _services.remove(service)
 
 
 @pytest.fixture(autouse=True)
@@ -131,10 +141,9 @@ def redis_url(engines: None, workdir: Path) -> Iterator[str]:
     """A redis-server of this module's own: free 127.0.0.1 port, own directory, no persistence."""
     if shutil.which("redis-server") is None:
         skip_or_fail(REDIS_ADVICE)
-    redis, url = start_redis(workdir / "redis")
-    start(redis)
-    yield url
-    stop(redis)
+    with services() as group:
+        _, url = start_redis(workdir / "redis", lambda service: start(group, service))
+        yield url
 
 
 @pytest.fixture
@@ -213,23 +222,16 @@ RQ_QUEUES = {"stock": "rq-stock", "patched": "rq-patched"}
 def rq_workers(redis_url: str, workdir: Path) -> Iterator[dict[str, Service]]:
     """``rq worker`` (stock) and tests/engines/rq_worker.py (patched), one queue each."""
     rq_cli = os.path.join(os.path.dirname(sys.executable), "rq")
-    workers = {
-        "stock": start(
-            Service("rq-stock", [rq_cli, "worker", "-u", redis_url, RQ_QUEUES["stock"]], workdir / "rq-stock.log")
-        ),
-        "patched": start(
-            python_service(
-                "rq-patched",
-                ["-m", "tests.engines.rq_worker", redis_url, RQ_QUEUES["patched"]],
-                workdir / "rq-patched.log",
-            )
-        ),
-    }
-    for w in workers.values():
-        w.wait_output("Listening on", 60)
-    yield workers
-    for w in workers.values():
-        stop(w)
+    stock = [rq_cli, "worker", "-u", redis_url, RQ_QUEUES["stock"]]
+    patched = ["-m", "tests.engines.rq_worker", redis_url, RQ_QUEUES["patched"]]
+    with services() as group:
+        workers = {
+            "stock": start(group, Service("rq-stock", stock, workdir / "rq-stock.log")),
+            "patched": start(group, python_service("rq-patched", patched, workdir / "rq-patched.log")),
+        }
+        for w in workers.values():
+            w.wait_output("Listening on", 60)
+        yield workers
 
 
 def rq_queue(redis_url: str, mode: str) -> Queue:
@@ -307,18 +309,18 @@ CELERY_MODULES = {
 @pytest.fixture(scope="module")
 def celery_workers(redis_url: str, workdir: Path) -> Iterator[dict[tuple[str, str], Service]]:
     """Four workers, one queue each: prefork (1 process) and threads (16), stock and patched."""
-    workers = {}
-    for (pool, mode), module in CELERY_MODULES.items():
-        queue = f"{pool}-{mode}"
-        argv = ["-m", "celery", "-A", module, "worker", "-P", pool, "-Q", queue, "-n", f"{queue}@%h"]
-        argv += ["-c", "1" if pool == "prefork" else str(CONCURRENT), *CELERY_FLAGS]
-        env = {"ENGINE_BROKER_URL": redis_url, **WARN_ENV}
-        workers[pool, mode] = start(python_service(f"celery-{queue}", argv, workdir / f"celery-{queue}.log", env))
-    for w in workers.values():
-        w.wait_output(" ready.", 60)
-    yield workers
-    for w in workers.values():
-        stop(w)
+    with services() as group:
+        workers = {}
+        for (pool, mode), module in CELERY_MODULES.items():
+            queue = f"{pool}-{mode}"
+            argv = ["-m", "celery", "-A", module, "worker", "-P", pool, "-Q", queue, "-n", f"{queue}@%h"]
+            argv += ["-c", "1" if pool == "prefork" else str(CONCURRENT), *CELERY_FLAGS]
+            env = {"ENGINE_BROKER_URL": redis_url, **WARN_ENV}
+            log = workdir / f"celery-{queue}.log"
+            workers[pool, mode] = start(group, python_service(f"celery-{queue}", argv, log, env))
+        for w in workers.values():
+            w.wait_output(" ready.", 60)
+        yield workers
 
 
 @pytest.fixture(scope="module")
@@ -432,26 +434,17 @@ def test_celery_threads_concurrent(
 @pytest.fixture(scope="module")
 def dask_clusters(engines: None, workdir: Path) -> Iterator[dict[str, tuple[Service, str]]]:
     """Two LocalClusters (processes=False, 16 worker threads), each in a process of its own."""
-    services = {
-        mode: start(
-            python_service(
-                f"dask-{mode}",
-                ["-m", "tests.engines.dask_cluster", str(CONCURRENT)],
-                workdir / f"dask-{mode}.log",
-                WARN_ENV,
-            )
-        )
-        for mode in MODES
-    }
-    clusters = {}
-    for mode, service in services.items():
-        service.wait_output("scheduler tcp://", 90)
-        address = re.search(r"scheduler (tcp://\S+)", service.output())
-        assert address is not None
-        clusters[mode] = (service, address.group(1))
-    yield clusters
-    for service, _ in clusters.values():
-        stop(service)
+    argv = ["-m", "tests.engines.dask_cluster", str(CONCURRENT)]
+    with services() as group:
+        clusters = {}
+        for mode in MODES:
+            start(group, python_service(f"dask-{mode}", argv, workdir / f"dask-{mode}.log", WARN_ENV))
+        for mode, service in zip(MODES, group):
+            service.wait_output("scheduler tcp://", 90)
+            address = re.search(r"scheduler (tcp://\S+)", service.output())
+            assert address is not None
+            clusters[mode] = (service, address.group(1))
+        yield clusters
 
 
 @pytest.mark.timeout(240)

@@ -84,8 +84,11 @@ class Service:
         self.proc.wait(10)
 
 
-def start_redis(directory: Path) -> tuple[Service, str]:
-    """redis-server on a free 127.0.0.1 port, no persistence, its files in ``directory``."""
+def start_redis(directory: Path, started: Callable[[Service], object]) -> tuple[Service, str]:
+    """redis-server on a free 127.0.0.1 port, no persistence, its files in ``directory``.
+
+    ``started`` is called with the service as soon as it runs (so it is stopped if it
+    never gets ready)."""
     exe = shutil.which("redis-server")
     if exe is None:
         raise FileNotFoundError(REDIS_ADVICE)
@@ -105,6 +108,7 @@ def start_redis(directory: Path) -> tuple[Service, str]:
         str(directory),
     ]
     redis = Service("redis-server", argv, directory / "redis.log")
+    started(redis)
     redis.wait_output("Ready to accept connections", 30)
     return redis, f"redis://127.0.0.1:{port}/0"
 
