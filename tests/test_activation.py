@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import time
 from collections.abc import Iterator
@@ -532,3 +533,111 @@ def test_ansible_rulebook_shutdown_ends_the_running_job(tmp_path: Path, rulebook
             proc.wait()
         left = {pid: st[2] for pid in (processes_with(MARKER, marker) if marker else []) if (st := procs.stat(pid))}
         procs.kill_all(left)
+
+
+# --- a real wheel in a fresh virtualenv, beside a user's own sitecustomize and .pth files ----------
+
+USER_CHECK = """\
+import builtins, json, os, sys
+import ansible_runner
+import ansible_runner.runner as r
+import runner_spawn, user_module
+result = ansible_runner.run(private_data_dir=sys.argv[1], playbook="site.yml", quiet=True) if sys.argv[1:] else None
+print(json.dumps({
+    "user_pth": [os.environ.get("USER_PTH_FIRST"), os.environ.get("USER_PTH_LAST")],
+    "sitecustomize": getattr(builtins, "SITECUSTOMIZE_RAN", False),
+    "user_module": user_module.NAME,
+    "spawn": r.pexpect.spawn.__name__,
+    "runner_spawn": runner_spawn.__file__,
+    "status": result and result.status,
+}))
+"""
+
+
+@pytest.fixture(scope="module")
+def wheel_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A virtualenv with runner-spawn installed from a freshly built wheel (its dependencies from ours)."""
+    root = tmp_path_factory.mktemp("wheel")
+    source = root / "source"
+    project = Path(__file__).parent.parent
+    source.mkdir()
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "LICENSE"):
+        shutil.copy(project / name, source / name)
+    shutil.copytree(project / "src", source / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
+    built = run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(root / "dist"), str(source)])
+    assert built.returncode == 0, built.stdout + built.stderr
+    (wheel,) = (root / "dist").glob("runner_spawn-*.whl")
+    venv = root / "venv"
+    made = run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
+    assert made.returncode == 0, made.stderr
+    installed = run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(venv / "bin" / "python"),
+            "install",
+            "-q",
+            "--no-deps",
+            str(wheel),
+        ]
+    )
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    (site_packages,) = venv.glob("lib/python*/site-packages")
+    # ansible-runner, pexpect...: a plain path line, so none of our environment's .pth files run there.
+    (site_packages / "zz_test_dependencies.pth").write_text(sysconfig_purelib() + "\n")
+    # The user's own .pth files, before and after ours, and a path entry.
+    user_dir = root / "user"
+    user_dir.mkdir()
+    (user_dir / "user_module.py").write_text("NAME = 'user-module'\n")
+    (site_packages / "aaa_user.pth").write_text("import os; os.environ['USER_PTH_FIRST'] = 'ran'\n")
+    (site_packages / "zzz_user.pth").write_text(f"import os; os.environ['USER_PTH_LAST'] = 'ran'\n{user_dir}\n")
+    return venv
+
+
+def sysconfig_purelib() -> str:
+    return sysconfig.get_paths()["purelib"]
+
+
+def test_wheel_install_activates_beside_user_sitecustomize_and_pth(wheel_venv: Path, tmp_path: Path) -> None:
+    assert (wheel_venv / "bin" / "runner-spawn").is_file()
+    custom = tmp_path / "custom"
+    custom.mkdir()
+    (custom / "sitecustomize.py").write_text("import builtins\nbuiltins.SITECUSTOMIZE_RAN = True\n")
+    pdd = make_pdd(tmp_path / "pdd", probe_playbook(tmp_path / "probe"))
+    env = {**stock_env(), "PYTHONPATH": str(custom)}
+    command = [
+        str(wheel_venv / "bin" / "runner-spawn"),
+        "run",
+        "--",
+        str(wheel_venv / "bin" / "python"),
+        "-c",
+        USER_CHECK,
+    ]
+    proc = run([*command, str(pdd)], env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout.splitlines()[-1])
+    assert report["user_pth"] == ["ran", "ran"] and report["sitecustomize"] is True
+    assert report["user_module"] == "user-module"
+    assert report["spawn"] == "ActivatedRunnerSpawn" and report["status"] == "successful"
+    assert report["runner_spawn"].startswith(str(wheel_venv)), report
+    assert_patched_job(tmp_path / "probe")
+    # The same files without the variable: the user's files still run, and nothing is patched.
+    proc = run([str(wheel_venv / "bin" / "python"), "-c", USER_CHECK], env=env)
+    report = json.loads(proc.stdout.splitlines()[-1])
+    assert report["user_pth"] == ["ran", "ran"] and report["sitecustomize"] is True and report["spawn"] == "spawn"
+
+
+def test_wheel_install_doctor_reports_activation(wheel_venv: Path) -> None:
+    doctor = run([str(wheel_venv / "bin" / "runner-spawn"), "doctor"], env=activated_env("terminal"))
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    assert (
+        f"hook file       {next(wheel_venv.glob('lib/python*/site-packages'))}/runner_spawn_activate.pth"
+        in doctor.stdout
+    )
+    assert (
+        "verdict         ON: Python processes of this environment install runner-spawn in terminal mode"
+        in doctor.stdout
+    )
+    assert "patch installed in this process: yes (RUNNER_SPAWN_ACTIVATE=terminal, terminal mode)" in doctor.stdout
