@@ -15,6 +15,19 @@ Where it differs from ``pexpect.spawn`` (documented per method below):
   job the host ended hands over at most a quarter second of whole lines more.
   Unmatched output kept for ``before`` is bounded.
 - ``delayafterread`` is None: no sleep after each read.
+- An exception out of the supervising loop ends the job. When any exception other
+  than pexpect's EOF or TIMEOUT leaves ``expect()`` (and its variants),
+  ``read_nonblocking()`` or ``isalive()`` while the job runs (a signal handler's,
+  ``KeyboardInterrupt``, ``SystemExit``, Celery's ``SoftTimeLimitExceeded``, RQ's
+  ``JobTimeoutException``, gevent's ``Timeout``, a raising ``logfile_read``), the
+  job's whole tree is ended first, as ``handle_runner_termination`` ends it, and
+  then the exception goes on. ``Runner.run()`` never ends the job on that path.
+  What was already handed to ``logfile_read`` stays there. The ending is bounded,
+  never raises, and a further exception raised meanwhile (a second signal) does not
+  interrupt it. A TIMEOUT does not end the job (Runner's final
+  ``expect(EOF, timeout=5)`` lets one out).
+- A spawn dropped while its job runs is freed when its last reference goes (no
+  reference cycle), and ends its job then, as ``pexpect.spawn``'s finalizer does.
 """
 
 from __future__ import annotations
@@ -59,7 +72,9 @@ class RunnerSpawn(ExpectRouting, _PopenSpawnBase):
     The child is started by :mod:`runner_spawn._child`: ``posix_spawn`` into a
     new session, pipes for stdin and stdout+stderr, no Python between fork and
     exec. The supervising thread sleeps in ``poll()`` while the child is quiet;
-    there is no reader thread.
+    there is no reader thread. Any exception but EOF or TIMEOUT that leaves
+    ``expect()``, ``read_nonblocking()`` or ``isalive()`` while the job runs ends the
+    job's whole tree before it goes on (see the module docstring).
     """
 
     #: The child has no terminal, so a container engine's ``--tty`` is dropped
