@@ -6,15 +6,18 @@ finder waits for the import of ``ansible_runner.runner``, takes itself off
 ``sys.meta_path``, and wraps that one module's loader: once the module has run, the
 real loader is put back and :func:`runner_spawn.activation.activate` installs the
 patch. Nothing else is imported here, so a process that never imports ansible-runner
-pays for this file alone.
+pays for this file alone: it imports nothing that start-up has not imported already.
 """
-
-from __future__ import annotations
 
 import os
 import sys
-from types import ModuleType
-from typing import Any
+
+# No `from __future__ import annotations`, no typing: annotations are strings, and
+# importing either module would cost more than this whole file.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from types import ModuleType
+    from typing import Any
 
 VARIABLE = "RUNNER_SPAWN_ACTIVATE"
 TARGET = "ansible_runner.runner"
@@ -28,14 +31,14 @@ state = "idle"
 class _Loader:
     """Runs the real loader of TARGET, puts it back, then activates."""
 
-    def __init__(self, loader: Any) -> None:
+    def __init__(self, loader: "Any") -> None:
         self.loader = loader
 
-    def create_module(self, spec: Any) -> ModuleType | None:
+    def create_module(self, spec: "Any") -> "ModuleType | None":
         create = getattr(self.loader, "create_module", None)
         return None if create is None else create(spec)
 
-    def exec_module(self, module: ModuleType) -> None:
+    def exec_module(self, module: "ModuleType") -> None:
         module.__loader__ = self.loader
         if module.__spec__ is not None:
             module.__spec__.loader = self.loader
@@ -46,7 +49,7 @@ class _Loader:
 class _Finder:
     """On sys.meta_path until TARGET is imported; finds nothing else."""
 
-    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+    def find_spec(self, fullname: str, path: "Any", target: "Any" = None) -> "Any":
         if fullname != TARGET:
             return None
         disarm()
