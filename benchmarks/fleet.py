@@ -1,0 +1,380 @@
+"""A fleet of concurrent playbooks in one host process: stock against RunnerSpawn.
+
+Usage::
+
+    python benchmarks/fleet.py                 # 8, 32 and 64 jobs; several minutes
+    python benchmarks/fleet.py --quick         # smoke run: 2 jobs, a 3-task playbook
+    python benchmarks/fleet.py --jobs 64 --drivers threads --impls stock,runner_spawn
+
+Each measurement is one fresh host process (this file with ``--worker``) that runs N
+``ansible_runner.run()`` jobs at once, each on its own localhost playbook:
+
+- driver ``threads``: a ``ThreadPoolExecutor`` with N threads calls ``ansible_runner.run()``;
+- driver ``asyncio``: N tasks in one event loop; RunnerSpawn through ``runner_spawn.aio.run``,
+  stock and PopenSpawn through ``loop.run_in_executor`` (as ansible-rulebook does), each
+  with an executor of N threads. ``aio.run`` checks for cancellation every 0.25 s
+  (its ``CANCEL_POLL``); stock checks every 5 s.
+
+Reported per implementation (``benchmarks/impls.py``: ``pexpect.spawn``, plain
+``PopenSpawn``, ``RunnerSpawn``):
+
+- host CPU per job: the host process's own user+system CPU time (all its threads, not
+  its children: ansible-playbook's CPU is not counted) from just before the jobs start
+  to just after the last ends, divided by N;
+- wall time for all N jobs;
+- events delivered to ``event_handler`` against the events the playbook produces
+  (every job must deliver all of them, ending with ``playbook_on_stats``);
+- p50 and p99 event latency: the event's ``created`` time (stamped by ansible's
+  callback plugin in ansible-playbook) to the ``event_handler`` call in the host.
+  ``verbose`` events, which Runner stamps itself on arrival, are left out.
+
+The goal (issue 18): at 64 jobs on 2 cores, host CPU at most 0.5x stock and p99 event
+latency at most stock's, with every event delivered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import datetime
+import functools
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from impls import LABELS, use_in_runner  # noqa: E402
+
+DRIVERS = ("threads", "asyncio")
+FULL_JOBS = (8, 32, 64)
+QUICK_JOBS = (2,)
+#: debug tasks before and after one quiet ``command: sleep`` task, per playbook.
+FULL_DEBUG_TASKS = 10
+QUICK_DEBUG_TASKS = 2
+FULL_SLEEP = 2
+QUICK_SLEEP = 1
+#: PopenSpawn busy-polls (0.16 CPU-s per second per quiet job); above this many jobs it
+#: would starve the others on 2 cores and is not run unless asked for with --popen-max.
+POPEN_MAX_DEFAULT = 32
+
+
+# --- the worker: one host process, N concurrent jobs ---------------------------------
+
+
+def playbook(debug_tasks: int, sleep: int) -> str:
+    tasks = [f"    - name: step {i}\n      debug:\n        msg: step-{i}\n" for i in range(debug_tasks)]
+    tasks.append(f"    - name: quiet\n      command: sleep {sleep}\n")
+    tasks.append("    - name: done\n      debug:\n        msg: done\n")
+    return "- hosts: all\n  gather_facts: false\n  tasks:\n" + "".join(tasks)
+
+
+def expected_events(debug_tasks: int) -> int:
+    """playbook_on_start, play_start, 3 per task (task_start, runner_on_start, runner_on_ok), stats."""
+    return 2 + 3 * (debug_tasks + 2) + 1
+
+
+def make_job_dirs(base: Path, jobs: int, debug_tasks: int, sleep: int) -> list[Path]:
+    dirs = []
+    text = playbook(debug_tasks, sleep)
+    inventory = f"localhost ansible_connection=local ansible_python_interpreter={sys.executable}\n"
+    for i in range(jobs):
+        pdd = base / f"job{i}"
+        (pdd / "project").mkdir(parents=True)
+        (pdd / "inventory").mkdir()
+        (pdd / "project" / "site.yml").write_text(text)
+        (pdd / "inventory" / "hosts").write_text(inventory)
+        dirs.append(pdd)
+    return dirs
+
+
+def _created(event: dict[str, Any]) -> float | None:
+    raw = event.get("created")
+    if not raw or event.get("event") == "verbose":
+        return None
+    when = datetime.datetime.fromisoformat(raw)
+    if when.tzinfo is None:  # older callback plugins stamp naive UTC
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return when.timestamp()
+
+
+class Recorder:
+    """The jobs' ``event_handler``s: counts events per job and records latencies."""
+
+    def __init__(self, jobs: int) -> None:
+        self.counts = [0] * jobs
+        self.last = [""] * jobs
+        self.latencies: list[float] = []
+        self.lock = threading.Lock()
+
+    def handler(self, job: int, event: dict[str, Any]) -> bool:
+        now = time.time()
+        created = _created(event)
+        with self.lock:
+            self.counts[job] += 1
+            self.last[job] = str(event.get("event"))
+            if created is not None:
+                self.latencies.append(now - created)
+        return True
+
+
+def _cpu_self() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_fleet(impl: str, driver: str, dirs: list[Path]) -> tuple[Recorder, list[tuple[str, int]], float, float]:
+    """Run one job per directory at once; (recorder, (status, rc) per job, host CPU s, wall s)."""
+    import ansible_runner
+
+    use_in_runner(impl)
+    rec = Recorder(len(dirs))
+
+    def kwargs(i: int, pdd: Path) -> dict[str, Any]:
+        return {
+            "private_data_dir": str(pdd),
+            "playbook": "site.yml",
+            "quiet": True,
+            "event_handler": functools.partial(rec.handler, i),
+        }
+
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=len(dirs), thread_name_prefix="job")
+    cpu0, t0 = _cpu_self(), time.monotonic()
+    try:
+        if driver == "threads":
+            futures = [executor.submit(ansible_runner.run, **kwargs(i, d)) for i, d in enumerate(dirs)]
+            runners = [f.result() for f in futures]
+        elif driver == "asyncio":
+            runners = asyncio.run(_run_async(impl, executor, [kwargs(i, d) for i, d in enumerate(dirs)]))
+        else:
+            raise SystemExit(f"unknown driver {driver!r}; expected one of {', '.join(DRIVERS)}")
+    finally:
+        executor.shutdown(wait=True)
+    cpu, wall = _cpu_self() - cpu0, time.monotonic() - t0
+    return rec, [(r.status, r.rc) for r in runners], cpu, wall
+
+
+async def _run_async(impl: str, executor: concurrent.futures.Executor, jobs: list[dict[str, Any]]) -> list[Any]:
+    import ansible_runner
+
+    if impl == "runner_spawn":
+        from runner_spawn import aio
+
+        return list(await asyncio.gather(*(aio.run(executor=executor, **kw) for kw in jobs)))
+    loop = asyncio.get_running_loop()
+    calls = [loop.run_in_executor(executor, functools.partial(ansible_runner.run, **kw)) for kw in jobs]
+    return list(await asyncio.gather(*calls))
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    base = Path(tempfile.mkdtemp(prefix="fleet-"))
+    try:
+        dirs = make_job_dirs(base, spec["jobs"], spec["debug_tasks"], spec["sleep"])
+        rec, outcomes, cpu, wall = run_fleet(spec["impl"], spec["driver"], dirs)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    expected = expected_events(spec["debug_tasks"])
+    return {
+        **spec,
+        "cpu_s": cpu,
+        "wall_s": wall,
+        "events": sum(rec.counts),
+        "events_expected": expected * spec["jobs"],
+        "jobs_complete": sum(
+            1 for c, last in zip(rec.counts, rec.last) if c == expected and last == "playbook_on_stats"
+        ),
+        "outcomes": sorted({f"{s}/{rc}" for s, rc in outcomes}),
+        "p50_ms": None if not rec.latencies else 1000 * (_percentile(rec.latencies, 0.50) or 0.0),
+        "p99_ms": None if not rec.latencies else 1000 * (_percentile(rec.latencies, 0.99) or 0.0),
+        "latency_samples": len(rec.latencies),
+    }
+
+
+# --- the driver: one fresh process per measurement, a table --------------------------
+
+
+def measure(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    # ansible-playbook must come from the interpreter running the benchmark.
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {**spec, "error": f"timed out after {timeout:.0f}s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {**spec, "error": f"worker exit {proc.returncode}: {proc.stderr.strip()[-2000:]}"}
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f} ms" if value >= 10 else f"{value:.1f} ms"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b == 0:
+        return "n/a"
+    return f"{a / b:.2f}x"
+
+
+def _median(results: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in results if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def table(results: list[dict[str, Any]], impls: list[str]) -> tuple[str, str, list[str]]:
+    """(per-implementation table, ratio table, goal verdict lines)."""
+    rows = ["| jobs | driver | implementation | host CPU / job | wall | events delivered | p50 latency | p99 latency |"]
+    rows.append("|---:|---|---|---:|---:|---:|---:|---:|")
+    ratios = ["| jobs | driver | host CPU, RunnerSpawn / stock | p99 latency, RunnerSpawn / stock |"]
+    ratios.append("|---:|---|---:|---:|")
+    verdict: list[str] = []
+    keys = sorted({(r["jobs"], r["driver"]) for r in results}, key=lambda k: (k[0], DRIVERS.index(k[1])))
+    for jobs, driver in keys:
+        by_impl: dict[str, dict[str, Any]] = {}
+        for impl in impls:
+            group = [r for r in results if (r["jobs"], r["driver"], r["impl"]) == (jobs, driver, impl)]
+            if not group:
+                continue
+            errors = [r["error"] for r in group if "error" in r]
+            ok = [r for r in group if "error" not in r]
+            if not ok:
+                rows.append(f"| {jobs} | {driver} | {LABELS[impl]} | error: {errors[0][:80]} | | | | |")
+                continue
+            cpu = _median(ok, "cpu_s")
+            summary = {
+                "cpu_job": None if cpu is None else cpu / jobs,
+                "wall": _median(ok, "wall_s"),
+                "p50": _median(ok, "p50_ms"),
+                "p99": _median(ok, "p99_ms"),
+                "events": min(r["events"] for r in ok),
+                "expected": ok[0]["events_expected"],
+                "complete": all(r["jobs_complete"] == jobs for r in ok),
+                "outcomes": sorted({o for r in ok for o in r["outcomes"]}),
+            }
+            by_impl[impl] = summary
+            delivered = f"{summary['events']}/{summary['expected']}"
+            if not summary["complete"] or summary["outcomes"] != ["successful/0"]:
+                delivered += f" ({', '.join(summary['outcomes'])})"
+            cpu_job = summary["cpu_job"]
+            rows.append(
+                f"| {jobs} | {driver} | {LABELS[impl]} | {'n/a' if cpu_job is None else f'{cpu_job * 1000:.0f} ms'} "
+                f"| {summary['wall']:.1f} s | {delivered} | {_ms(summary['p50'])} | {_ms(summary['p99'])} |"
+            )
+        stock, ours = by_impl.get("stock"), by_impl.get("runner_spawn")
+        if stock and ours:
+            cpu_ratio = _ratio(ours["cpu_job"], stock["cpu_job"])
+            p99_ratio = _ratio(ours["p99"], stock["p99"])
+            ratios.append(f"| {jobs} | {driver} | {cpu_ratio} | {p99_ratio} |")
+            if jobs == max(FULL_JOBS):
+                met_cpu = ours["cpu_job"] is not None and ours["cpu_job"] <= 0.5 * stock["cpu_job"]
+                met_p99 = ours["p99"] is not None and stock["p99"] is not None and ours["p99"] <= stock["p99"]
+                met_all = ours["complete"] and ours["outcomes"] == ["successful/0"]
+                verdict.append(
+                    f"goal at {jobs} jobs, {driver}: host CPU <= 0.5x stock: {'met' if met_cpu else 'NOT met'} "
+                    f"({cpu_ratio}); p99 <= stock: {'met' if met_p99 else 'NOT met'} ({p99_ratio}); "
+                    f"every event delivered: {'yes' if met_all else 'NO'}"
+                )
+    return "\n".join(rows), "\n".join(ratios), verdict
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 jobs of a 3-task playbook")
+    parser.add_argument("--jobs", help="comma-separated fleet sizes (default 8,32,64; --quick: 2)")
+    parser.add_argument("--drivers", default=",".join(DRIVERS), help="threads,asyncio")
+    parser.add_argument("--impls", default="stock,popen,runner_spawn", help="stock,popen,runner_spawn")
+    parser.add_argument("--reps", type=int, default=1, help="repetitions per measurement (median)")
+    parser.add_argument("--popen-max", type=int, default=POPEN_MAX_DEFAULT, help="largest fleet PopenSpawn is run with")
+    parser.add_argument("--json", help="write every measurement to this file")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+
+    try:
+        sizes = [int(n) for n in args.jobs.split(",")] if args.jobs else list(QUICK_JOBS if args.quick else FULL_JOBS)
+    except ValueError:
+        parser.error(f"--jobs takes comma-separated whole numbers, e.g. 8,32,64; got {args.jobs!r}")
+    if any(n < 1 for n in sizes):
+        parser.error("--jobs: every fleet size must be at least 1")
+    drivers = [d for d in args.drivers.split(",") if d]
+    impls = [i for i in args.impls.split(",") if i]
+    for d in drivers:
+        if d not in DRIVERS:
+            parser.error(f"--drivers: unknown driver {d!r}; choose from {', '.join(DRIVERS)}")
+    for i in impls:
+        if i not in LABELS:
+            parser.error(f"--impls: unknown implementation {i!r}; choose from {', '.join(LABELS)}")
+    if args.reps < 1:
+        parser.error("--reps must be at least 1")
+    debug_tasks = QUICK_DEBUG_TASKS if args.quick else FULL_DEBUG_TASKS
+    sleep = QUICK_SLEEP if args.quick else FULL_SLEEP
+
+    print(
+        f"# fleet: Python {platform.python_version()}, {os.cpu_count()} CPUs, "
+        f"{debug_tasks + 2}-task playbook ({expected_events(debug_tasks)} events per job), reps {args.reps}",
+        flush=True,
+    )
+    results: list[dict[str, Any]] = []
+    turn = 0
+    for jobs in sizes:
+        for driver in drivers:
+            for rep in range(args.reps):
+                order = impls[turn % len(impls) :] + impls[: turn % len(impls)]  # rotate who goes first
+                turn += 1
+                for impl in order:
+                    if impl == "popen" and jobs > args.popen_max:
+                        continue
+                    spec = {"impl": impl, "driver": driver, "jobs": jobs, "debug_tasks": debug_tasks, "sleep": sleep}
+                    t0 = time.monotonic()
+                    result = measure(spec, timeout=120 + 10 * jobs)
+                    results.append(result)
+                    note = result.get("error") or (
+                        f"cpu {result['cpu_s']:.2f}s wall {result['wall_s']:.1f}s "
+                        f"events {result['events']}/{result['events_expected']}"
+                    )
+                    took = time.monotonic() - t0
+                    print(
+                        f"  {jobs:>3} {driver:<8} {LABELS[impl]:<14} rep {rep + 1}: {note} ({took:.0f}s)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+    per_impl, ratios, verdict = table(results, impls)
+    print(per_impl)
+    print()
+    print(ratios)
+    skipped = [n for n in sizes if n > args.popen_max and "popen" in impls]
+    if skipped:
+        print(f"\nPopenSpawn not run at {', '.join(map(str, skipped))} jobs (it busy-polls; --popen-max to change).")
+    if verdict:
+        print()
+        print("\n".join(verdict))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
