@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -343,3 +345,62 @@ def test_repeating_signal_does_not_interrupt_the_ending(caplog: pytest.LogCaptur
     assert procs.alive(tree) == {}
     child.close()
     assert child.signalstatus == signal.SIGKILL
+
+
+GEVENT_HOST = r"""
+from gevent import monkey
+
+monkey.patch_all()
+
+import json, sys
+import gevent
+import ansible_runner
+import runner_spawn
+from tests import procs
+
+runner_spawn.install()
+before = procs.descendants()
+seen = {}
+
+def job_process(pid):
+    # Every process of a job carries the RUNNER_SPAWN_JOB marker (the host's watchdog does not).
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return any(v.startswith(b"RUNNER_SPAWN_JOB=") for v in f.read().split(b"\0"))
+    except OSError:
+        return False
+
+def fire_when_running():
+    running = {p: s for p, s in procs.descendants().items() if p not in before and job_process(p)}
+    seen.update(running)
+    if len(running) >= %(running)d and not getattr(fire_when_running, "fired", False):
+        fire_when_running.fired = True
+        gevent.Timeout(0.05).start()  # raised in this greenlet, inside Runner.run()
+    return False
+
+try:
+    ansible_runner.run(private_data_dir=sys.argv[1], playbook="site.yml", cancel_callback=fire_when_running,
+                       settings={"pexpect_timeout": 0.5}, quiet=True)
+except gevent.Timeout as e:
+    held = e  # the exception and its frames stay referenced
+    left = procs.wait_gone(seen, %(gone)f)
+    print(json.dumps({"raised": type(e).__name__, "seen": len(seen), "left": sorted(left)}))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_gevent_timeout_ends_job(job_dir: JobDir, tmp_path: Path) -> None:
+    pytest.importorskip("gevent", reason="gevent comes with the test extra")
+    pdd = job_dir(SLEEP_PLAYBOOK, hosts=3)
+    script = tmp_path / "gevent_host.py"
+    script.write_text(GEVENT_HOST % {"running": RUNNING, "gone": GONE_WITHIN})
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(pdd)], capture_output=True, text=True, timeout=100, cwd=root, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["raised"] == "Timeout", report
+    assert report["seen"] >= RUNNING, report
+    assert report["left"] == [], f"gevent's Timeout left the job running: {report}\n{proc.stderr[-3000:]}"
