@@ -500,6 +500,7 @@ def test_cli_main_runs_nothing_when_the_patch_cannot_be_installed(
     assert cli_main(["--version"]) == 1
     out, err = capsys.readouterr()
     assert out == "" and "2.99.0" in err and "Pin ansible-runner" in err
+    assert err.startswith("runner-spawn supports ansible-runner") and "runner-spawn: runner-spawn" not in err
     assert not runner_spawn.is_installed()
 
 
