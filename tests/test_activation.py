@@ -249,6 +249,12 @@ def test_explicit_install_in_an_activated_process_keeps_one_mode() -> None:
     assert "already installed in terminal mode (by RUNNER_SPAWN_ACTIVATE=terminal)" in second
 
 
+def test_runner_cli_entry_follows_the_variables_mode() -> None:
+    # `runner-spawn ansible-runner` installs the patch itself; the hook got there first, in terminal mode.
+    proc = run([sys.executable, "-m", "runner_spawn", "ansible-runner", "--version"], env=activated_env("terminal"))
+    assert proc.returncode == 0 and proc.stderr == "", proc
+
+
 def test_activated_spawn_keeps_the_variables_out_of_the_job() -> None:
     env = {"A": "1", VAR: "pipe", activation.STRICT_VARIABLE: "1"}
     assert activation.job_environment(env) == {"A": "1"}
