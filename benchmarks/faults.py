@@ -401,14 +401,26 @@ def fault_full_fs(mode: str, p: dict[str, Any], root: Path) -> dict[str, Any]:
         try:
             if p["kind"] == "playbook":
                 pdd = make_job(root, PB_LOOP, hosts=3)
-                r = ansible_runner.run(
+                idle, runner = p.get("idle_timeout", 3), []
+
+                def fill_then_count_idle(event: dict[str, Any]) -> bool:
+                    fill_once(event)
+                    # Runner reads idle_timeout on every turn of its loop: it counts from the
+                    # fill on, so a start that is quiet for long on a busy machine is no end.
+                    if filled and runner and not runner[0].config.idle_timeout:
+                        runner[0].config.idle_timeout = idle
+                    return True
+
+                r = ansible_runner.interface.init_runner(
                     private_data_dir=str(pdd),
                     playbook="site.yml",
                     quiet=True,
                     artifact_dir=str(mnt),
-                    event_handler=fill_once,
-                    settings={"idle_timeout": p.get("idle_timeout", 3), "pexpect_timeout": 0.2},
+                    event_handler=fill_then_count_idle,
+                    settings={"pexpect_timeout": 0.2},
                 )
+                runner.append(r)
+                r.run()
             else:
                 r = command_runner(
                     ["sh", "-c", ESCAPING_COMMAND],
@@ -425,8 +437,11 @@ def fault_full_fs(mode: str, p: dict[str, Any], root: Path) -> dict[str, Any]:
             out["raised"] = f"{type(e).__name__}: {e}"
         out["s"] = round(time.monotonic() - started, 2)
         out["s_after_fill"] = round(time.monotonic() - filled[0], 2) if filled else None
-        # What runs while the caller still holds the exception (a Future, a log record)...
-        time.sleep(1.0)
+        # What runs while the caller still holds the exception (a Future, a log record)
+        # once the ended processes had time to go (stock leaves them running: 5 s)...
+        deadline = time.monotonic() + 5
+        while alive(base.new_procs()) and time.monotonic() < deadline:
+            time.sleep(0.05)
         out["running_while_error_held"] = [_cmdline(q)[:80] for q in sorted(alive(base.new_procs()))]
         # ... and once it has let go of it.
         del exc
