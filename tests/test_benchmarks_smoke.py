@@ -63,6 +63,33 @@ def test_terminate_flood_quick_mode() -> None:
     rows = {r[0]: r for r in _table(proc.stdout)[2:]}
     assert set(rows) == {"job_timeout, load 0", "cancel, load 0"}, proc.stdout
     for row in rows.values():
-        assert row[1].endswith("ch)") and row[3].endswith("ch)"), proc.stdout  # stock and RunnerSpawn measured
+        assert row[3].endswith("ch)"), proc.stdout  # RunnerSpawn measured
+        # Stock measured, or (on a busy machine) its known failure: Runner's final
+        # expect(EOF, timeout=5) raising while the flood is handed over.
+        assert row[1].endswith("ch)") or row[1].startswith("TIMEOUT"), proc.stdout
         assert row[2] == "host killed by SIGKILL", proc.stdout  # plain PopenSpawn shares its host's group
     assert "('timeout', 254)" in proc.stdout and "('canceled', 254)" in proc.stdout, proc.stdout
+
+
+FLEET = RUN.parent / "fleet.py"
+
+
+@pytest.mark.timeout(240)
+def test_fleet_quick_mode() -> None:
+    """Two concurrent playbooks per driver, stock and RunnerSpawn: every event delivered, every figure there."""
+    args = [sys.executable, str(FLEET), "--quick", "--impls", "stock,runner_spawn"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=230)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    rows = _table(proc.stdout)
+    header = ["jobs", "driver", "implementation"]
+    assert rows[0][:3] == header, proc.stdout
+    body = [r for r in rows if r[0] == "2" and len(r) == 8]
+    assert {(r[1], r[2]) for r in body} == {
+        (driver, impl) for driver in ("threads", "asyncio") for impl in ("pexpect.spawn", "RunnerSpawn")
+    }, proc.stdout
+    for _, _, _, cpu, wall, delivered, p50, p99 in body:
+        got, expected = delivered.split("/")
+        assert got == expected and int(expected) == 2 * 15, proc.stdout  # 2 jobs, 15 events each, all successful
+        assert cpu.endswith(" ms") and wall.endswith(" s") and "n/a" not in (p50, p99), proc.stdout
+    ratios = [r for r in rows if r[0] == "2" and len(r) == 4]
+    assert {r[1] for r in ratios} == {"threads", "asyncio"}, proc.stdout
