@@ -44,6 +44,7 @@ ENGINE_MODULES = ("celery", "rq", "distributed", "redis")
 
 MODES = ("stock", "patched")
 ANSIBLE_CORE = tuple(int(n) for n in re.findall(r"\d+", metadata.version("ansible-core"))[:2])
+LIMIT = 15  # seconds: time limits, long enough for a job to reach its sleeps on a busy machine
 SETTLE = 2.0  # seconds after the engine reports a task's end, before job processes are counted
 CONCURRENT = 16
 FORK_WARNING = "may lead to deadlocks in the child"  # Python 3.12+: os.fork/forkpty in a threaded process
@@ -270,12 +271,12 @@ def test_rq_jobs_succeed(mode: str, redis_url: str, rq_workers: dict[str, Servic
 def test_rq_job_timeout(mode: str, redis_url: str, rq_workers: dict[str, Service], job_root: Path) -> None:
     pdd = sleep_job(job_root)
     watch = Watch(pdd)
-    job = rq_queue(redis_url, mode).enqueue(jobs.run_job, str(pdd), job_timeout=10)
+    job = rq_queue(redis_url, mode).enqueue(jobs.run_job, str(pdd), job_timeout=LIMIT)
     assert rq_wait(job, 90, watch) == "failed"
     left = watch.left_after_end()
     result = job.latest_result()
     assert result is not None and "JobTimeoutException" in (result.exc_string or "")
-    check_left("RQ job_timeout=10 (exception in the work horse)", mode, watch, left, "failed")
+    check_left(f"RQ job_timeout={LIMIT} (exception in the work horse)", mode, watch, left, "failed")
 
 
 @pytest.mark.timeout(120)
@@ -359,10 +360,10 @@ def test_celery_time_limit(
 ) -> None:
     pdd = sleep_job(job_root)
     watch = Watch(pdd)
-    result = celery_send(celery_client, "prefork", mode, str(pdd), time_limit=10)
+    result = celery_send(celery_client, "prefork", mode, str(pdd), time_limit=LIMIT)
     assert celery_wait(result, 90, watch) == "FAILURE"
     left = watch.left_after_end()
-    check_left("Celery prefork, time_limit=10 (SIGTERM, SIGKILL)", mode, watch, left, celery_outcome(result))
+    check_left(f"Celery prefork, time_limit={LIMIT} (SIGTERM, SIGKILL)", mode, watch, left, celery_outcome(result))
     # The pool process was replaced; the replacement starts jobs the same way.
     after = celery_send(celery_client, "prefork", mode, str(new_job(job_root)))
     assert celery_wait(after, 90) == "SUCCESS", after.result
@@ -376,11 +377,11 @@ def test_celery_soft_time_limit(
 ) -> None:
     pdd = sleep_job(job_root)
     watch = Watch(pdd)
-    result = celery_send(celery_client, "prefork", mode, str(pdd), soft_time_limit=10, time_limit=60)
+    result = celery_send(celery_client, "prefork", mode, str(pdd), soft_time_limit=LIMIT, time_limit=4 * LIMIT)
     assert celery_wait(result, 90, watch) == "FAILURE"
     assert type(result.result).__name__ == "SoftTimeLimitExceeded"
     left = watch.left_after_end()
-    check_left("Celery prefork, soft_time_limit=10 (exception in Runner.run())", mode, watch, left, "FAILURE")
+    check_left(f"Celery prefork, soft_time_limit={LIMIT} (exception in Runner.run())", mode, watch, left, "FAILURE")
 
 
 @pytest.mark.timeout(120)
