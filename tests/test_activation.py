@@ -116,8 +116,10 @@ def make_pdd(root: Path, playbook: str) -> Path:
     return root
 
 
-def run(args: list[str], env: dict[str, str] | None = None, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, capture_output=True, text=True, timeout=120, env=env, check=False, **kwargs)
+def run(
+    args: list[str], env: dict[str, str] | None = None, timeout: float = 120, **kwargs: Any
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env, check=False, **kwargs)
 
 
 def activated_env(mode: str = "pipe", **more: str) -> dict[str, str]:
@@ -488,6 +490,7 @@ def playbook_events(messages: Path, since: int) -> list[tuple[str, str | None]]:
     return [(e, t) for _, e, t in sorted(events)]
 
 
+@pytest.mark.timeout(420)
 def test_ansible_rulebook_stock_and_activated(tmp_path: Path, rulebook: str, event_sink: tuple[str, Path]) -> None:
     url, messages = event_sink
     results = {}
@@ -496,7 +499,10 @@ def test_ansible_rulebook_stock_and_activated(tmp_path: Path, rulebook: str, eve
         root = rulebook_dir(tmp_path / name, probe_playbook(tmp_path / f"{name}.probe"))
         since = len(messages.read_text().splitlines()) if messages.exists() else 0
         proc = run(
-            [rulebook, "--rulebook", "rulebook.yml", "-i", "inventory.yml", "--websocket-url", url], env=env, cwd=root
+            [rulebook, "--rulebook", "rulebook.yml", "-i", "inventory.yml", "--websocket-url", url],
+            env=env,
+            cwd=root,
+            timeout=200,  # a JVM and a playbook; slow on a loaded 2-core machine
         )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         # Python 3.12+ warns when a threaded process forks; stock forks from the rulebook's thread pool.
