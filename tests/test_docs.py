@@ -50,6 +50,8 @@ EXPECTED_OUTPUT = {
     ".venv/bin/python -m runner_spawn doctor": r"result: OK",
     'curl -sN -X POST localhost:8080/jobs -d \'{"playbook": "site.yml"}\'': r"successful",
     ".venv/bin/python benchmarks/run.py --quick": r"\| metric \|",
+    ".venv/bin/python examples/fleet/run.py": r"^processes left: 0$",
+    ".venv/bin/runner-spawn run -- .venv/bin/ansible-runner run demo -p site.yml": r"PLAY RECAP",
 }
 NEVER_IN_OUTPUT = ("Traceback (most recent call last)", "The command was not found or was not executable")
 
@@ -261,3 +263,24 @@ def test_main_example_rejects_zero_jobs() -> None:
     assert proc.returncode == 2, proc.stderr
     assert "argument --jobs: 0 jobs: give 1 or more" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_doctor_sample_is_what_the_doctor_prints() -> None:
+    """docs/usage.md's doctor report is the doctor's output here, up to paths and versions."""
+    page = ROOT / "docs" / "usage.md"
+    found = blocks(page)
+    at = next(i for i, b in enumerate(found) if b.code.strip() == ".venv/bin/python -m runner_spawn doctor")
+    sample = found[at + 1]
+    assert sample.lang == "text", f"{sample.where}: the doctor's sample report follows its command"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNNER_SPAWN_ACTIVATE")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "runner_spawn", "doctor"], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    def shape(text: str, prefix: str) -> list[str]:
+        text = text.replace(prefix, "PREFIX")
+        text = re.sub(r"\d+(\.\d+)+", "V", text)
+        return [" ".join(line.split()) for line in text.strip().splitlines()]
+
+    assert shape(sample.code, "/srv/app/venv") == shape(proc.stdout, sys.prefix)

@@ -45,7 +45,11 @@ ENGINE_MODULES = ("celery", "rq", "distributed", "redis")
 MODES = ("stock", "patched")
 ANSIBLE_CORE = tuple(int(n) for n in re.findall(r"\d+", metadata.version("ansible-core"))[:2])
 LIMIT = 15  # seconds: time limits, long enough for a job to reach its sleeps on a busy machine
-SETTLE = 2.0  # seconds after the engine reports a task's end, before job processes are counted
+SETTLE = 2.0  # seconds after the engine reports a task's end, before stock's job processes are counted
+# Patched: the job is ended within about 2 s on an idle machine (TERM, then KILL after
+# delayafterterminate); on a busy one the tree can take longer to exit. The test asserts that
+# it does end, polling up to this bound, and the table shows how long it took.
+PATCHED_SETTLE_LIMIT = 30.0
 CONCURRENT = 16
 FORK_WARNING = "may lead to deadlocks in the child"  # Python 3.12+: os.fork/forkpty in a threaded process
 WARN_ENV = {"PYTHONWARNINGS": "always::DeprecationWarning"}  # shown wherever it is raised
@@ -170,6 +174,7 @@ class Watch:
     def __init__(self, pdd: Path) -> None:
         self.token = pdd.name
         self.most = 0
+        self.settled = 0.0
 
     def look(self) -> int:
         n = len(jobs.job_processes(self.token))
@@ -180,20 +185,27 @@ class Watch:
         """Whether the job has reached its 3 sleeps (ansible-playbook, 3 workers, 3 sleeps, ...)."""
         return self.look() >= 7
 
-    def left_after_end(self) -> int:
-        """Job processes still running SETTLE seconds after now (the engine reported the end)."""
-        deadline = time.monotonic() + SETTLE
+    def left_after_end(self, mode: str = "stock") -> int:
+        """Job processes still running after the engine reported the end.
+
+        Stock is counted SETTLE seconds after now; patched as soon as none is left, or after
+        PATCHED_SETTLE_LIMIT seconds (the time taken is kept in ``settled``).
+        """
+        start = time.monotonic()
+        deadline = start + (PATCHED_SETTLE_LIMIT if mode == "patched" else SETTLE)
         while self.look() and time.monotonic() < deadline:
             time.sleep(0.05)
+        self.settled = time.monotonic() - start
         return len(jobs.job_processes(self.token))
 
 
 def check_left(scenario: str, mode: str, watch: Watch, left: int, state: str) -> None:
     """Record the outcome; patched must leave nothing."""
-    TABLE.record(scenario, mode, f"{left} left of {watch.most} ({state})")
+    when = f"after {SETTLE:.0f} s" if mode == "stock" else f"gone in {watch.settled:.1f} s"
+    TABLE.record(scenario, mode, f"{left} left of {watch.most} ({state}, {when})")
     assert watch.most >= 7, f"{scenario}: the job never reached its sleeps ({watch.most} processes seen)"
     if mode == "patched":
-        assert left == 0, f"{scenario}: {left} job processes still running {SETTLE} s after the end"
+        assert left == 0, f"{scenario}: {left} job processes still running {PATCHED_SETTLE_LIMIT} s after the end"
 
 
 def check_ok(result: dict[str, Any], mode: str) -> None:
@@ -273,7 +285,7 @@ def test_rq_job_timeout(mode: str, redis_url: str, rq_workers: dict[str, Service
     watch = Watch(pdd)
     job = rq_queue(redis_url, mode).enqueue(jobs.run_job, str(pdd), job_timeout=LIMIT)
     assert rq_wait(job, 90, watch) == "failed"
-    left = watch.left_after_end()
+    left = watch.left_after_end(mode)
     result = job.latest_result()
     assert result is not None and "JobTimeoutException" in (result.exc_string or "")
     check_left(f"RQ job_timeout={LIMIT} (exception in the work horse)", mode, watch, left, "failed")
@@ -292,7 +304,7 @@ def test_rq_stop_job(mode: str, redis_url: str, rq_workers: dict[str, Service], 
     wait_for(watch.running, 60, "the job's sleeps")
     send_stop_job_command(connection, job.id)
     assert rq_wait(job, 30, watch) == "stopped"
-    left = watch.left_after_end()
+    left = watch.left_after_end(mode)
     check_left("RQ stop-job (work horse SIGKILLed)", mode, watch, left, "stopped")
     if mode == "stock":  # the horse's process group is killed; the job has a session of its own
         assert left > 0
@@ -362,7 +374,7 @@ def test_celery_time_limit(
     watch = Watch(pdd)
     result = celery_send(celery_client, "prefork", mode, str(pdd), time_limit=LIMIT)
     assert celery_wait(result, 90, watch) == "FAILURE"
-    left = watch.left_after_end()
+    left = watch.left_after_end(mode)
     check_left(f"Celery prefork, time_limit={LIMIT} (SIGTERM, SIGKILL)", mode, watch, left, celery_outcome(result))
     # The pool process was replaced; the replacement starts jobs the same way.
     after = celery_send(celery_client, "prefork", mode, str(new_job(job_root)))
@@ -380,7 +392,7 @@ def test_celery_soft_time_limit(
     result = celery_send(celery_client, "prefork", mode, str(pdd), soft_time_limit=LIMIT, time_limit=4 * LIMIT)
     assert celery_wait(result, 90, watch) == "FAILURE"
     assert type(result.result).__name__ == "SoftTimeLimitExceeded"
-    left = watch.left_after_end()
+    left = watch.left_after_end(mode)
     check_left(f"Celery prefork, soft_time_limit={LIMIT} (exception in Runner.run())", mode, watch, left, "FAILURE")
 
 
@@ -395,7 +407,7 @@ def test_celery_revoke_terminate(
     wait_for(watch.running, 60, "the job's sleeps")
     result.revoke(terminate=True)
     assert celery_wait(result, 30, watch) == "REVOKED"
-    left = watch.left_after_end()
+    left = watch.left_after_end(mode)
     check_left("Celery prefork, revoke(terminate=True) (SIGTERM)", mode, watch, left, celery_outcome(result))
 
 
@@ -412,7 +424,7 @@ def test_celery_cancel_callback(
     cancel.touch()
     assert celery_wait(result, 30, watch) == "FAILURE"
     assert "canceled" in str(result.result)  # the task checked r.status and raised
-    left = watch.left_after_end()
+    left = watch.left_after_end(mode)
     check_left("Celery prefork, cancel_callback", mode, watch, left, "FAILURE JobFailed")
     if mode == "stock" and ANSIBLE_CORE >= (2, 19):
         assert left > 0  # stock SIGKILLs ansible-playbook's group; 2.19+ workers have sessions of their own

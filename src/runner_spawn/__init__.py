@@ -10,7 +10,7 @@ from .spawn import RunnerSpawn
 from .terminal import TerminalSpawn
 from .termination import handle_runner_termination
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "RunnerSpawn",
