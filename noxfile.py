@@ -54,10 +54,11 @@ class Combo:
 
 #: ansible-runner 2.3 calls Runner.handle_termination(pid, is_cancel=...), 2.4 without it.
 #: ansible-core 2.15 is the newest for Python 3.9, 2.17 needs 3.10+, 2.18/2.19 3.11+, 2.20+ 3.12+.
+#: Python 3.11 with ansible-runner 2.4 and ansible-core 2.19 is what the main test run
+#: (.ci/run, the README's test command) installs on these machines, so it is not repeated here.
 MATRIX = [
     Combo("3.9", "~=2.3.0", "~=2.15.0"),
     Combo("3.11", "~=2.4.0", "~=2.17.0"),
-    Combo("3.11", "~=2.4.0", "~=2.19.0"),
     Combo("3.12", "~=2.4.0", "~=2.18.0", extra=("pexpect==4.8.0",)),
     Combo("3.13", "~=2.4.0", ">=2.20"),
 ]

@@ -233,7 +233,15 @@ def test_playbook_ended_by_runner(job_dir: JobDir, mode: str, end: str) -> None:
     assert (r.status, r.rc) == (ENDS[end][1], 254)
     events = list(r.events)
     assert events and events[0]["event"] == "playbook_on_start"
-    assert_no_half_event(events)
+    # ansible's callback writes an event token in several write() calls; the SIGTERM that
+    # ends the job can interrupt ansible-playbook between them (its handler raises there),
+    # so the job itself may leave one half token as its last output. Anywhere before the
+    # end, a fragment would be a cut made on the host's side.
+    tail = len(events) - 2
+    assert_no_half_event(events[:tail])
+    for e in events[tail:]:
+        if "\x1b[K" in e.get("stdout", ""):
+            assert e["event"] == "verbose", f"a parsed event carries a token fragment: {e}"
     if end != "idle_timeout":
         assert sum(e["event"] == "runner_item_on_ok" for e in events) > 0
 
