@@ -117,6 +117,7 @@ class Recorder:
         self.counts = [0] * jobs
         self.last = [""] * jobs
         self.latencies: list[float] = []
+        self.samples: list[tuple[float, float, str]] = []  # (created, delivered, event name)
         self.lock = threading.Lock()
 
     def handler(self, job: int, event: dict[str, Any]) -> bool:
@@ -127,6 +128,7 @@ class Recorder:
             self.last[job] = str(event.get("event"))
             if created is not None:
                 self.latencies.append(now - created)
+                self.samples.append((created, now, str(event.get("event"))))
         return True
 
 
@@ -135,11 +137,99 @@ def _cpu_self() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_fleet(impl: str, driver: str, dirs: list[Path]) -> tuple[Recorder, list[tuple[str, int]], float, float]:
+class Breakdown:
+    """Per-thread CPU time (``time.thread_time``) spent in each part of a job's path.
+
+    - ``events``: ``OutputEventFilter.write`` (ansible-runner's own event processing:
+      decoding, json, writing ``job_events``, calling ``event_handler``);
+    - ``spawn_read``: the spawn's ``expect()`` and ``isalive()`` minus ``events`` (the
+      read/expect path: poll, read, decode, slicing, pattern search);
+    - ``spawn_start``: constructing the spawn (fork+exec, or posix_spawn) and ``close()``;
+    - ``events_wait`` (not CPU): wall time inside ``OutputEventFilter.write`` beyond its
+      CPU time: waiting for the GIL and for a core while an event is being delivered.
+
+    The rest of the host's CPU is Runner's set-up and teardown per job (artifacts,
+    env, command line), the drivers' threads and event loop, and the interpreter's
+    switching between threads.
+    """
+
+    def __init__(self) -> None:
+        self.totals = {"events": 0.0, "spawn_read": 0.0, "spawn_start": 0.0, "events_wait": 0.0}
+        self.calls = {"events": 0, "spawn_read": 0}
+        self.lock = threading.Lock()
+        self.local = threading.local()
+
+    def _add(self, key: str, seconds: float, calls: int = 1) -> None:
+        with self.lock:
+            self.totals[key] += seconds
+            if key in self.calls:
+                self.calls[key] += calls
+
+    def install(self, spawn_cls: Any) -> None:
+        from ansible_runner.utils import OutputEventFilter
+
+        bd = self
+        write = OutputEventFilter.write
+
+        def timed_write(filt: Any, data: Any) -> Any:
+            w0, t0 = time.monotonic(), time.thread_time()
+            try:
+                return write(filt, data)
+            finally:
+                took = time.thread_time() - t0
+                bd.local.events = getattr(bd.local, "events", 0.0) + took
+                bd._add("events", took)
+                bd._add("events_wait", max(0.0, time.monotonic() - w0 - took), 0)
+
+        OutputEventFilter.write = timed_write  # type: ignore[method-assign]
+
+        def outer(name: str, key: str) -> None:
+            inner = getattr(spawn_cls, name)
+
+            @functools.wraps(inner)
+            def timed(spawn: Any, *args: Any, **kwargs: Any) -> Any:
+                if getattr(bd.local, "depth", 0):
+                    return inner(spawn, *args, **kwargs)
+                bd.local.depth = 1
+                ev0, t0 = getattr(bd.local, "events", 0.0), time.thread_time()
+                try:
+                    return inner(spawn, *args, **kwargs)
+                finally:
+                    bd.local.depth = 0
+                    bd._add(key, time.thread_time() - t0 - (getattr(bd.local, "events", 0.0) - ev0))
+
+            setattr(spawn_cls, name, timed)
+
+        for name in ("expect", "isalive"):
+            outer(name, "spawn_read")
+        for name in ("__init__", "close"):
+            outer(name, "spawn_start")
+
+
+def spawn_class(impl: str) -> Any:
+    """The class whose instances Runner.run() gets as its child under ``impl``."""
+    if impl == "stock":
+        import pexpect
+
+        return pexpect.spawn
+    if impl == "runner_spawn":
+        from runner_spawn import RunnerSpawn
+
+        return RunnerSpawn
+    from impls import PlainPopen
+
+    return PlainPopen
+
+
+def run_fleet(
+    impl: str, driver: str, dirs: list[Path], breakdown: Breakdown | None = None
+) -> tuple[Recorder, list[tuple[str, int]], float, float]:
     """Run one job per directory at once; (recorder, (status, rc) per job, host CPU s, wall s)."""
     import ansible_runner
 
     use_in_runner(impl)
+    if breakdown is not None:
+        breakdown.install(spawn_class(impl))
     rec = Recorder(len(dirs))
 
     def kwargs(i: int, pdd: Path) -> dict[str, Any]:
@@ -186,12 +276,16 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    load_start = os.getloadavg()[0]
     base = Path(tempfile.mkdtemp(prefix="fleet-"))
     try:
         dirs = make_job_dirs(base, spec["jobs"], spec["debug_tasks"], spec["sleep"])
-        rec, outcomes, cpu, wall = run_fleet(spec["impl"], spec["driver"], dirs)
+        breakdown = Breakdown() if spec.get("breakdown") else None
+        rec, outcomes, cpu, wall = run_fleet(spec["impl"], spec["driver"], dirs, breakdown)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+    if os.environ.get("FLEET_SAMPLES"):
+        Path(os.environ["FLEET_SAMPLES"]).write_text(json.dumps(rec.samples))
     expected = expected_events(spec["debug_tasks"])
     return {
         **spec,
@@ -206,6 +300,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         "p50_ms": None if not rec.latencies else 1000 * (_percentile(rec.latencies, 0.50) or 0.0),
         "p99_ms": None if not rec.latencies else 1000 * (_percentile(rec.latencies, 0.99) or 0.0),
         "latency_samples": len(rec.latencies),
+        **({} if breakdown is None else {"breakdown_s": breakdown.totals, "breakdown_calls": breakdown.calls}),
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg()[0],
     }
 
 
@@ -240,6 +337,43 @@ def _ratio(a: float | None, b: float | None) -> str:
 def _median(results: list[dict[str, Any]], key: str) -> float | None:
     values = [r[key] for r in results if r.get(key) is not None]
     return statistics.median(values) if values else None
+
+
+def _spread(ok: list[dict[str, Any]], key: str, scale: float) -> str:
+    """`` (min-max)`` of ``key`` times ``scale`` over repetitions; empty for one."""
+    values = [r[key] * scale for r in ok if r.get(key) is not None]
+    if len(values) < 2:
+        return ""
+    return f" ({min(values):.0f}-{max(values):.0f})"
+
+
+def breakdown_table(results: list[dict[str, Any]], impls: list[str]) -> str:
+    """Medians per job (ms of host CPU) of the parts :class:`Breakdown` measures."""
+    rows = [
+        "| jobs | driver | implementation | event processing | spawn read/expect | spawn start+close "
+        "| rest | total | waiting in event delivery |"
+    ]
+    rows.append("|---:|---|---|---:|---:|---:|---:|---:|---:|")
+    keys = sorted({(r["jobs"], r["driver"]) for r in results}, key=lambda k: (k[0], DRIVERS.index(k[1])))
+    for jobs, driver in keys:
+        for impl in impls:
+            ok = [
+                r for r in results if (r["jobs"], r["driver"], r["impl"]) == (jobs, driver, impl) and "breakdown_s" in r
+            ]
+            if not ok:
+                continue
+
+            def part(name: str, ok: list[dict[str, Any]] = ok, jobs: int = jobs) -> float:
+                return statistics.median(r["breakdown_s"][name] for r in ok) * 1000 / jobs
+
+            total = statistics.median(r["cpu_s"] for r in ok) * 1000 / jobs
+            measured = part("events") + part("spawn_read") + part("spawn_start")
+            rows.append(
+                f"| {jobs} | {driver} | {LABELS[impl]} | {part('events'):.1f} ms | {part('spawn_read'):.1f} ms "
+                f"| {part('spawn_start'):.1f} ms | {total - measured:.1f} ms | {total:.1f} ms "
+                f"| {part('events_wait'):.0f} ms |"
+            )
+    return "\n".join(rows)
 
 
 def table(results: list[dict[str, Any]], impls: list[str]) -> tuple[str, str, list[str]]:
@@ -277,9 +411,11 @@ def table(results: list[dict[str, Any]], impls: list[str]) -> tuple[str, str, li
             if not summary["complete"] or summary["outcomes"] != ["successful/0"]:
                 delivered += f" ({', '.join(summary['outcomes'])})"
             cpu_job = summary["cpu_job"]
+            cpu_cell = "n/a" if cpu_job is None else f"{cpu_job * 1000:.0f} ms{_spread(ok, 'cpu_s', 1000 / jobs)}"
             rows.append(
-                f"| {jobs} | {driver} | {LABELS[impl]} | {'n/a' if cpu_job is None else f'{cpu_job * 1000:.0f} ms'} "
-                f"| {summary['wall']:.1f} s | {delivered} | {_ms(summary['p50'])} | {_ms(summary['p99'])} |"
+                f"| {jobs} | {driver} | {LABELS[impl]} | {cpu_cell} "
+                f"| {summary['wall']:.1f} s | {delivered} | {_ms(summary['p50'])} "
+                f"| {_ms(summary['p99'])}{_spread(ok, 'p99_ms', 1)} |"
             )
         stock, ours = by_impl.get("stock"), by_impl.get("runner_spawn")
         if stock and ours:
@@ -306,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--impls", default="stock,popen,runner_spawn", help="stock,popen,runner_spawn")
     parser.add_argument("--reps", type=int, default=1, help="repetitions per measurement (median)")
     parser.add_argument("--popen-max", type=int, default=POPEN_MAX_DEFAULT, help="largest fleet PopenSpawn is run with")
+    parser.add_argument(
+        "--breakdown", action="store_true", help="also split the host's CPU per job into its parts (thread CPU time)"
+    )
     parser.add_argument("--json", help="write every measurement to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -334,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"# fleet: Python {platform.python_version()}, {os.cpu_count()} CPUs, "
-        f"{debug_tasks + 2}-task playbook ({expected_events(debug_tasks)} events per job), reps {args.reps}",
+        f"{debug_tasks + 2}-task playbook ({expected_events(debug_tasks)} events per job), reps {args.reps}, "
+        f"load average at start {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
         flush=True,
     )
     results: list[dict[str, Any]] = []
@@ -347,13 +487,21 @@ def main(argv: list[str] | None = None) -> int:
                 for impl in order:
                     if impl == "popen" and jobs > args.popen_max:
                         continue
-                    spec = {"impl": impl, "driver": driver, "jobs": jobs, "debug_tasks": debug_tasks, "sleep": sleep}
+                    spec = {
+                        "impl": impl,
+                        "driver": driver,
+                        "jobs": jobs,
+                        "debug_tasks": debug_tasks,
+                        "sleep": sleep,
+                        "breakdown": args.breakdown,
+                    }
                     t0 = time.monotonic()
                     result = measure(spec, timeout=120 + 10 * jobs)
                     results.append(result)
                     note = result.get("error") or (
                         f"cpu {result['cpu_s']:.2f}s wall {result['wall_s']:.1f}s "
-                        f"events {result['events']}/{result['events_expected']}"
+                        f"events {result['events']}/{result['events_expected']} p99 {_ms(result['p99_ms'])} "
+                        f"load {result['loadavg_start']:.1f}"
                     )
                     took = time.monotonic() - t0
                     print(
@@ -365,6 +513,9 @@ def main(argv: list[str] | None = None) -> int:
     print(per_impl)
     print()
     print(ratios)
+    if args.breakdown:
+        print()
+        print(breakdown_table(results, impls))
     skipped = [n for n in sizes if n > args.popen_max and "popen" in impls]
     if skipped:
         print(f"\nPopenSpawn not run at {', '.join(map(str, skipped))} jobs (it busy-polls; --popen-max to change).")
