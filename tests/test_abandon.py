@@ -29,6 +29,7 @@ from typing import Any
 import ansible_runner
 import pexpect
 import pytest
+from ansible_runner.exceptions import CallbackError
 
 import runner_spawn
 from runner_spawn import RunnerSpawn, TerminalSpawn
@@ -133,8 +134,11 @@ def assert_read_output_kept(tmp_path: Path) -> None:
 
 def in_supervising_loop(frame: types.FrameType | None) -> bool:
     """True when ``frame`` is in the spawn's (or pexpect's) code, under Runner.run()."""
+    runner_file = f"{os.sep}ansible_runner{os.sep}runner.py"
     while frame is not None:
         name = frame.f_code.co_filename
+        if name.endswith(runner_file):
+            return False  # reached Runner's own code: the frames above are not the spawn's
         if f"{os.sep}runner_spawn{os.sep}" in name or f"{os.sep}pexpect{os.sep}" in name:
             return True
         frame = frame.f_back
@@ -404,3 +408,105 @@ def test_gevent_timeout_ends_job(job_dir: JobDir, tmp_path: Path) -> None:
     assert report["raised"] == "Timeout", report
     assert report["seen"] >= RUNNING, report
     assert report["left"] == [], f"gevent's Timeout left the job running: {report}\n{proc.stderr[-3000:]}"
+
+
+# --- exceptions out of Runner.run() from between the spawn's calls ------------------------
+
+
+class Interrupt(BaseException):
+    """An asynchronous exception that is not an ``Exception`` (as ``KeyboardInterrupt``):
+    Runner's ``except Exception`` around ``cancel_callback`` lets it through as it is."""
+
+
+def raise_from_callback() -> None:
+    raise RuntimeError("the cancel callback failed")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["pipes", "terminal"])
+def test_raising_cancel_callback_ends_job(job_dir: JobDir, tmp_path: Path, mode: str) -> None:
+    """Runner closes the stdout artifact and raises CallbackError from its loop, between the
+    spawn's calls: the job is ended before CallbackError leaves Runner.run()."""
+    with spawn_mode(mode):
+        watcher = FireWhenRunning(raise_from_callback)
+        with pytest.raises(CallbackError) as held:
+            run_sleep_job(job_dir, watcher)
+        assert isinstance(held.value.__cause__, RuntimeError)  # the exception itself, unchanged
+        assert_job_gone(watcher)
+        with runner_files_left_open():
+            del held
+    assert_read_output_kept(tmp_path)
+
+
+@pytest.mark.timeout(120)
+def test_raising_cancel_callback_contrast_with_stock(job_dir: JobDir) -> None:
+    """Stock leaves the whole job running while CallbackError is held."""
+    stock = FireWhenRunning(raise_from_callback)
+    with pytest.raises(CallbackError) as held:
+        run_sleep_job(job_dir, stock)
+    try:
+        still_running = procs.alive(stock.new())
+        assert len(still_running) >= 4, f"stock was expected to leave the job running: {still_running}"
+    finally:
+        with runner_files_left_open():
+            del held
+        procs.kill_all({**stock.seen, **stock.new()})
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["pipes", "terminal"])
+def test_signal_handler_exception_inside_cancel_callback_ends_job(job_dir: JobDir, tmp_path: Path, mode: str) -> None:
+    """A signal handler raises while the main thread is inside ``cancel_callback``, not in the spawn."""
+    landed: list[str] = []
+
+    def handler(signum: int, frame: types.FrameType | None) -> None:
+        landed.append("spawn" if in_supervising_loop(frame) else "elsewhere")
+        raise Interrupt("raised by a SIGUSR1 handler")
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    try:
+        with spawn_mode(mode):
+            # raise_signal() runs the handler before it returns, in the callback's frame.
+            watcher = FireWhenRunning(lambda: signal.raise_signal(signal.SIGUSR1))
+            with pytest.raises(Interrupt) as held:
+                run_sleep_job(job_dir, watcher)
+            assert landed == ["elsewhere"]
+            assert str(held.value) == "raised by a SIGUSR1 handler"
+            assert_job_gone(watcher)
+            with runner_files_left_open():
+                del held
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert_read_output_kept(tmp_path)
+
+
+@pytest.mark.timeout(120)
+def test_exception_before_the_loop_ends_job(job_dir: JobDir) -> None:
+    """An exception lands in Runner.run() right after the spawn started the job, before
+    Runner's loop (or any of the spawn's reads) runs: the job is ended."""
+    pdd = job_dir(SLEEP_PLAYBOOK, hosts=3)
+    before = procs.descendants()
+    seen: dict[int, int] = {}
+
+    class InterruptedAfterStart(RunnerSpawn):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            seen.update({p: s for p, s in procs.descendants().items() if p not in before})
+            raise Interrupt("right after the job started")
+
+    runner_spawn.install()
+    import ansible_runner.runner as runner_module
+
+    installed = runner_module.pexpect.spawn
+    runner_module.pexpect.spawn = InterruptedAfterStart
+    try:
+        with pytest.raises(Interrupt) as held:
+            ansible_runner.run(private_data_dir=str(pdd), playbook="site.yml", quiet=True)
+        assert seen, "the job was not observed"
+        job = {**seen, **{p: s for p, s in procs.descendants().items() if p not in before}}
+        assert procs.wait_gone(job, GONE_WITHIN) == {}, "the job runs on while the exception is held"
+        with runner_files_left_open():
+            del held
+    finally:
+        runner_module.pexpect.spawn = installed
+        runner_spawn.uninstall()

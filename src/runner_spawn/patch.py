@@ -1,22 +1,27 @@
 """install(), uninstall(), is_installed(): route ansible-runner's spawns through RunnerSpawn.
 
 Only what ``ansible_runner.runner`` sees is changed: its module-level name
-``pexpect`` is pointed at a view of pexpect whose ``spawn`` is RunnerSpawn, and
-``Runner.handle_termination`` is replaced. The process-wide ``pexpect.spawn`` stays
-the original, so other pexpect users keep their terminal spawn.
+``pexpect`` is pointed at a view of pexpect whose ``spawn`` is RunnerSpawn,
+``Runner.handle_termination`` is replaced, and ``Runner.run`` is wrapped so that any
+exception leaving it while a job it started still runs ends that job's whole tree
+first (:mod:`runner_spawn._scope`). The process-wide ``pexpect.spawn`` stays the
+original, so other pexpect users keep their terminal spawn.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import re
 import threading
 import types
+from collections.abc import Callable
 from importlib import metadata
 from typing import Any
 
 import pexpect
 
+from . import _scope
 from .spawn import RunnerSpawn
 from .terminal import TerminalSpawn
 from .termination import handle_runner_termination
@@ -73,6 +78,8 @@ def _check_runner_shape(module: types.ModuleType) -> None:
         missing.append("module-level pexpect")
     if runner is None or "handle_termination" not in vars(runner):
         missing.append("Runner.handle_termination")
+    if runner is not None and "run" not in vars(runner):
+        missing.append("Runner.run")
     if missing:
         try:
             version = runner_version()
@@ -91,6 +98,34 @@ def _terminate(cls: type, pid: int, pidfile: str | None = None, is_cancel: bool 
     handle_runner_termination(pid, pidfile=pidfile, is_cancel=is_cancel)
 
 
+#: What the log says when a job is ended because an exception leaves Runner.run().
+_WHY = "an exception is leaving Runner.run()"
+
+
+def _wrap_run(run: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``Runner.run``, ending the jobs it started that still run when any exception leaves it.
+
+    Spawns started during the call record themselves in its scope (one list append);
+    the exception is re-raised unchanged once they are ended. Runner may already have
+    closed the job's ``logfile_read`` (a raising ``cancel_callback``): the ending only
+    signals and waits, it never reads or writes output.
+    """
+
+    @functools.wraps(run)
+    def wrapper(self: Any) -> Any:
+        jobs: list[_scope.Job] = []
+        token = _scope.run_scope.set(jobs)
+        try:
+            return run(self)
+        except BaseException:
+            _scope.end_running(jobs, _WHY)
+            raise
+        finally:
+            _scope.run_scope.reset(token)
+
+    return wrapper
+
+
 def _mode(terminal: bool) -> str:
     return "terminal" if terminal else "pipe"
 
@@ -99,8 +134,11 @@ def install(*, terminal: bool = False) -> None:
     """Make ansible-runner start jobs with RunnerSpawn. Idempotent and thread-safe.
 
     Call it once at startup, before jobs run; Runner objects that already exist are
-    covered too. Raises :class:`UnsupportedRunnerError` outside the supported
-    ansible-runner range. With ``terminal=True`` jobs get a pseudo-terminal as
+    covered too. ``Runner.run`` is wrapped so that any exception leaving it while a
+    job it started still runs (a raising ``cancel_callback``, a signal handler, a task
+    engine's time limit) ends that job's whole tree before the exception goes on.
+    Raises :class:`UnsupportedRunnerError` outside the supported ansible-runner
+    range. With ``terminal=True`` jobs get a pseudo-terminal as
     their controlling terminal (:class:`~runner_spawn.terminal.TerminalSpawn`).
     Installing again in the same mode does nothing; in the other mode it raises
     RuntimeError: call :func:`uninstall` first.
@@ -112,6 +150,9 @@ def _install(*, terminal: bool, spawn: type[RunnerSpawn] | None = None, by: str 
     """:func:`install`, with the spawn class Runner gets (default: by mode) and who asked.
 
     ``runner_spawn.activation`` passes a class that keeps its variables out of jobs.
+    Replaced: ``ansible_runner.runner.pexpect`` (a view whose ``spawn`` is that class),
+    ``Runner.handle_termination`` and ``Runner.run`` (wrapped: an exception leaving it
+    ends the jobs it started that still run); :func:`uninstall` puts back all three.
     """
     with _lock:
         if not _originals:
@@ -132,6 +173,7 @@ def _install(*, terminal: bool, spawn: type[RunnerSpawn] | None = None, by: str 
         _originals["module"] = module
         _originals["pexpect"] = module.pexpect
         _originals["handle_termination"] = vars(runner_cls)["handle_termination"]
+        _originals["run"] = vars(runner_cls)["run"]
         _originals["terminal"] = terminal
         _originals["by"] = by
         if spawn is not None:
@@ -140,6 +182,7 @@ def _install(*, terminal: bool, spawn: type[RunnerSpawn] | None = None, by: str 
             view.spawn = TerminalSpawn
         setattr(module, "pexpect", view)  # noqa: B010 - a module attribute, set by name
         runner_cls.handle_termination = classmethod(_terminate)
+        runner_cls.run = _wrap_run(_originals["run"])
 
 
 def uninstall() -> None:
@@ -150,6 +193,7 @@ def uninstall() -> None:
         module = _originals["module"]
         setattr(module, "pexpect", _originals["pexpect"])  # noqa: B010
         module.Runner.handle_termination = _originals["handle_termination"]
+        module.Runner.run = _originals["run"]
         _originals.clear()
 
 

@@ -44,7 +44,7 @@ from pexpect.popen_spawn import PopenSpawn
 from pexpect.spawnbase import SpawnBase
 from pexpect.utils import split_command_line, which
 
-from . import _child, _container, _tree
+from . import _child, _container, _scope, _tree
 from ._expect import ExpectRouting
 from ._stream import OutputStream
 from .termination import end_job_shielded
@@ -151,6 +151,7 @@ class RunnerSpawn(ExpectRouting, _PopenSpawnBase):
             self._child = self._start_child(argv, child_env, workdir)
         except OSError as e:
             raise ExceptionPexpect(f"The command could not be started: {path}: {e}.") from e
+        _scope.started(self)  # an exception leaving the Runner.run() that started it ends it
 
         self.command = path
         self.args = argv
@@ -181,7 +182,7 @@ class RunnerSpawn(ExpectRouting, _PopenSpawnBase):
         nothing is done when the child has already exited.
         """
         child = getattr(self, "_child", None)
-        if child is not None and not self.terminated:
+        if child is not None and not getattr(self, "terminated", False):  # also while __init__ runs
             end_job_shielded(child, self.delayafterterminate, why)
 
     def read_nonblocking(self, size: int = 1, timeout: float | None = -1) -> Any:
