@@ -176,6 +176,7 @@ import ansible_runner.runner as r
 import runner_spawn
 print(json.dumps({"before": before, "after": None if hook is None else hook.state,
                   "spawn": r.pexpect.spawn.__name__, "installed": runner_spawn.is_installed(),
+                  "run_wrapped": hasattr(vars(r.Runner)["run"], "__wrapped__"),
                   "loader": type(r.__loader__).__name__, "finders": len(sys.meta_path), "records": records}))
 """
 
@@ -194,6 +195,7 @@ def test_hook_patches_on_import_of_ansible_runner_runner(mode: str, spawn: str) 
     assert (before["hook"], before["runner_spawn"], before["ansible_runner"]) == ("armed", False, False), report
     # ...then fired by the import: the patch is in, the hook is gone, the module's loader is its own.
     assert report["after"] == "fired" and report["installed"] and report["spawn"] == spawn, report
+    assert report["run_wrapped"], report  # Runner.run ends its jobs when an exception leaves it
     assert report["finders"] == report["before"]["finders"] - 1, report
     assert report["loader"] == "SourceFileLoader", report
     assert report["records"] == [] and proc.stderr == "", proc.stderr

@@ -17,8 +17,9 @@ from runner_spawn import RunnerSpawn
 from tests.conftest import JobDir
 
 
-def originals() -> tuple[object, object, object]:
-    return runner_module.pexpect, vars(runner_module.Runner)["handle_termination"], pexpect.spawn
+def originals() -> tuple[object, object, object, object]:
+    runner = vars(runner_module.Runner)
+    return runner_module.pexpect, runner["handle_termination"], pexpect.spawn, runner["run"]
 
 
 def test_install_uninstall_round_trip() -> None:
@@ -41,6 +42,24 @@ def test_install_uninstall_round_trip() -> None:
     assert not runner_spawn.is_installed()
     runner_spawn.uninstall()  # idempotent
     assert originals() == before
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_install_wraps_runner_run_once_and_uninstall_restores_it(terminal: bool) -> None:
+    stock_run = vars(runner_module.Runner)["run"]
+    runner_spawn.install(terminal=terminal)
+    try:
+        wrapped = vars(runner_module.Runner)["run"]
+        assert wrapped is not stock_run
+        assert wrapped.__wrapped__ is stock_run
+        assert wrapped.__name__ == "run"
+        runner_spawn.install(terminal=terminal)  # again: the same wrapper, not a wrapper of it
+        assert vars(runner_module.Runner)["run"] is wrapped
+    finally:
+        runner_spawn.uninstall()
+    assert vars(runner_module.Runner)["run"] is stock_run
+    runner_spawn.uninstall()
+    assert vars(runner_module.Runner)["run"] is stock_run
 
 
 def test_concurrent_install_and_uninstall() -> None:
