@@ -4,7 +4,7 @@ Usage::
 
     python benchmarks/fleet.py                 # 8, 32 and 64 jobs; several minutes
     python benchmarks/fleet.py --quick         # smoke run: 2 jobs, a 3-task playbook
-    python benchmarks/fleet.py --jobs 64 --drivers threads --impls stock,runner_spawn
+    python benchmarks/fleet.py --jobs 64 --reps 3 --impls stock,runner_spawn --breakdown
 
 Each measurement is one fresh host process (this file with ``--worker``) that runs N
 ``ansible_runner.run()`` jobs at once, each on its own localhost playbook:
@@ -27,6 +27,12 @@ Reported per implementation (``benchmarks/impls.py``: ``pexpect.spawn``, plain
 - p50 and p99 event latency: the event's ``created`` time (stamped by ansible's
   callback plugin in ansible-playbook) to the ``event_handler`` call in the host.
   ``verbose`` events, which Runner stamps itself on arrival, are left out.
+
+Implementations take turns within each repetition, the first one rotating; the table
+shows medians and, with ``--reps`` above 1, the spread (min-max). Each run records the
+load average at its start. ``--breakdown`` also splits the host's CPU per job by thread
+CPU time (:class:`Breakdown`): ansible-runner's event processing, the spawn's
+read/expect path, starting and closing the spawn, and the rest.
 
 The goal (issue 18): at 64 jobs on 2 cores, host CPU at most 0.5x stock and p99 event
 latency at most stock's, with every event delivered.
@@ -223,7 +229,7 @@ def spawn_class(impl: str) -> Any:
 
 def run_fleet(
     impl: str, driver: str, dirs: list[Path], breakdown: Breakdown | None = None
-) -> tuple[Recorder, list[tuple[str, int]], float, float]:
+) -> tuple[Recorder, list[tuple[str, Any]], float, float]:
     """Run one job per directory at once; (recorder, (status, rc) per job, host CPU s, wall s)."""
     import ansible_runner
 
@@ -245,7 +251,7 @@ def run_fleet(
     try:
         if driver == "threads":
             futures = [executor.submit(ansible_runner.run, **kwargs(i, d)) for i, d in enumerate(dirs)]
-            runners = [f.result() for f in futures]
+            runners = [f.exception() or f.result() for f in futures]
         elif driver == "asyncio":
             runners = asyncio.run(_run_async(impl, executor, [kwargs(i, d) for i, d in enumerate(dirs)]))
         else:
@@ -253,7 +259,10 @@ def run_fleet(
     finally:
         executor.shutdown(wait=True)
     cpu, wall = _cpu_self() - cpu0, time.monotonic() - t0
-    return rec, [(r.status, r.rc) for r in runners], cpu, wall
+    # A job whose Runner.run() raised (stock's final expect(EOF, timeout=5) on a loaded
+    # machine, ansible-runner issue 1343) is counted, not allowed to end the measurement.
+    outcomes = [("raised", type(r).__name__) if isinstance(r, BaseException) else (r.status, r.rc) for r in runners]
+    return rec, outcomes, cpu, wall
 
 
 async def _run_async(impl: str, executor: concurrent.futures.Executor, jobs: list[dict[str, Any]]) -> list[Any]:
@@ -262,10 +271,10 @@ async def _run_async(impl: str, executor: concurrent.futures.Executor, jobs: lis
     if impl == "runner_spawn":
         from runner_spawn import aio
 
-        return list(await asyncio.gather(*(aio.run(executor=executor, **kw) for kw in jobs)))
+        return list(await asyncio.gather(*(aio.run(executor=executor, **kw) for kw in jobs), return_exceptions=True))
     loop = asyncio.get_running_loop()
     calls = [loop.run_in_executor(executor, functools.partial(ansible_runner.run, **kw)) for kw in jobs]
-    return list(await asyncio.gather(*calls))
+    return list(await asyncio.gather(*calls, return_exceptions=True))
 
 
 def _percentile(values: list[float], q: float) -> float | None:
