@@ -510,3 +510,82 @@ def test_exception_before_the_loop_ends_job(job_dir: JobDir) -> None:
     finally:
         runner_module.pexpect.spawn = installed
         runner_spawn.uninstall()
+
+
+def job_marker(pid: int) -> str | None:
+    """The job marker (RUNNER_SPAWN_JOB) in ``pid``'s environment, or None."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            for item in f.read().split(b"\0"):
+                if item.startswith(b"RUNNER_SPAWN_JOB="):
+                    return item.split(b"=", 1)[1].decode()
+    except OSError:
+        pass
+    return None
+
+
+@pytest.mark.timeout(180)
+def test_exception_in_one_run_leaves_a_parallel_run_alone(job_dir: JobDir) -> None:
+    """Two Runner.run() calls in two threads: CallbackError out of one ends its own job only;
+    the other job runs on until it is cancelled as usual."""
+    before = procs.descendants()
+
+    def jobs() -> dict[str, dict[int, int]]:
+        out: dict[str, dict[int, int]] = {}
+        for pid, start in procs.descendants().items():
+            marker = None if pid in before else job_marker(pid)
+            if marker is not None:
+                out.setdefault(marker, {})[pid] = start
+        return out
+
+    seen: dict[str, dict[int, int]] = {}
+
+    def fail_when_both_run() -> bool:
+        running = jobs()
+        for marker, found in running.items():
+            seen.setdefault(marker, {}).update(found)
+        if len(running) == 2 and all(len(found) >= RUNNING for found in running.values()):
+            raise RuntimeError("the cancel callback failed")
+        return False
+
+    cancel_other = threading.Event()
+    other: dict[str, Any] = {}
+
+    def run_other(pdd: Path) -> None:
+        try:
+            r = ansible_runner.run(
+                private_data_dir=str(pdd),
+                playbook="site.yml",
+                cancel_callback=cancel_other.is_set,
+                settings={"pexpect_timeout": 0.5},
+                quiet=True,
+            )
+            other["status"] = r.status
+        except BaseException as e:  # pragma: no cover - reported below
+            other["error"] = e
+
+    with spawn_mode("pipes"):
+        thread = threading.Thread(target=run_other, args=(job_dir(SLEEP_PLAYBOOK, hosts=3),))
+        thread.start()
+        try:
+            with pytest.raises(CallbackError) as held:
+                ansible_runner.run(
+                    private_data_dir=str(job_dir(SLEEP_PLAYBOOK, hosts=3)),
+                    playbook="site.yml",
+                    cancel_callback=fail_when_both_run,
+                    settings={"pexpect_timeout": 0.5},
+                    quiet=True,
+                )
+            assert len(seen) == 2, f"two jobs were not observed: {seen}"
+            left = {marker: procs.wait_gone(found, GONE_WITHIN) for marker, found in seen.items()}
+            assert sorted(len(still) >= RUNNING for still in left.values()) == [False, True], left
+            ended = [marker for marker, still in left.items() if not still]
+            assert len(ended) == 1, f"the failed run's job was not ended: {left}"
+            assert thread.is_alive(), other
+        finally:
+            cancel_other.set()
+            thread.join(60)
+        assert other == {"status": "canceled"}
+        assert all(procs.wait_gone(found, GONE_WITHIN) == {} for found in seen.values())
+        with runner_files_left_open():
+            del held
